@@ -1,0 +1,22 @@
+"""IA3: the weight scaled per output (or, with ``on_input``, per input) channel: ΔW = W ⊙ w."""
+from __future__ import annotations
+
+from .base import Adapter, Tensor
+
+
+class IA3(Adapter):
+    kind = "ia3"
+    required = ("weight",)
+    optional = ("on_input",)
+    uses_alpha = False
+
+    @classmethod
+    def accepts(cls, w: dict[str, Tensor]) -> bool:
+        return "weight" in w and w["weight"].dim() == 1
+
+    def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
+        w = self.t("weight", orig.device)
+        on_input = "on_input" in self.w and bool(self.w["on_input"].reshape(-1)[0])
+        shape = [1] * orig.dim()
+        shape[1 if on_input else 0] = -1
+        return orig * w.reshape(shape)

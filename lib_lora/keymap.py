@@ -1,0 +1,198 @@
+"""File keys → model targets, for every key style in circulation, and base-model detection.
+
+A target is (part, path, sub): part is "unet", "te" (the first or only text encoder) or "te2" (SDXL's
+second); path is the module's checkpoint name inside that part with dots as underscores (the WebUI's
+own ``network_layer_name`` convention), e.g. ``input_blocks_1_1_proj_in`` or
+``text_model_encoder_layers_0_self_attn_q_proj``; sub picks a slice of a fused weight
+(``q``/``k``/``v`` of a MultiheadAttention's ``in_proj_weight``).
+"""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+class Target(NamedTuple):
+    part: str
+    path: str
+    sub: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.part}:{self.path}" + (f".{self.sub}" if self.sub else "")
+
+
+# Parameter names each adapter kind stores per module; longest first so "lora_down.weight" wins over "weight".
+PARAMS = sorted({
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
+    "lora.up.weight", "lora.down.weight", "lora_magnitude_vector", "alpha", "scale", "dora_scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+    "weight", "on_input", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale",
+    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "bias",
+}, key=len, reverse=True)
+PARAM_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                 "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"}
+
+_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te"), ("lora_te2_", "te2"), ("lora_te_", "te"),
+                   ("oft_unet_", "unet"), ("lycoris_", "unet"))
+_DOTTED_PREFIXES = (
+    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"), ("unet.", "unet"),
+    ("cond_stage_model.transformer.", "te"), ("cond_stage_model.model.", "te"),
+    ("conditioner.embedders.0.transformer.", "te"), ("conditioner.embedders.1.model.", "te2"),
+    ("text_encoder_2.", "te2"), ("text_encoder.", "te"), ("te1.", "te"), ("te2.", "te2"),
+)
+_RE_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(part, module name with underscores, param) of one file key, or None for an unknown style."""
+    m = _RE_PROCESSOR.search(key)
+    if m:  # diffusers' old attention-processor format
+        proj = m.group(1) + (".0" if m.group(1) == "to_out" else "")
+        key = f"{key[:m.start()]}.{proj}.lora_{m.group(2)}.weight"
+    for prefix in ("base_model.model.", "transformer."):
+        if key.startswith(prefix + "unet.") or key.startswith(prefix + "text_encoder"):
+            key = key[len(prefix):]
+    for prefix, part in _KOHYA_PREFIXES:
+        if key.startswith(prefix):
+            module, _, param = key[len(prefix):].partition(".")
+            if not module or not param:
+                return None
+            return part, module, PARAM_ALIASES.get(param, param)
+    for prefix, part in _DOTTED_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            for param in PARAMS:
+                if rest.endswith("." + param):
+                    module = rest[: -len(param) - 1]
+                    return part, module.replace(".", "_"), PARAM_ALIASES.get(param, param)
+            return None
+    return None
+
+
+# ---- UNet: diffusers naming → original (compvis) naming -----------------------------------------
+_RESNET = {"norm1": "in_layers_0", "conv1": "in_layers_2", "time_emb_proj": "emb_layers_1",
+           "norm2": "out_layers_0", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
+_UNET_RULES = [
+    (re.compile(r"conv_in(.*)"), lambda m, f: f"input_blocks_0_0{m[1]}"),
+    (re.compile(r"conv_norm_out(.*)"), lambda m, f: f"out_0{m[1]}"),
+    (re.compile(r"conv_out(.*)"), lambda m, f: f"out_2{m[1]}"),
+    (re.compile(r"time_embedding_linear_(\d+)(.*)"), lambda m, f: f"time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+    (re.compile(r"add_embedding_linear_(\d+)(.*)"), lambda m, f: f"label_emb_0_{int(m[1]) * 2 - 2}{m[2]}"),
+    (re.compile(r"down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, f: f"input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{_suffix(m[2], m[4])}"),
+    (re.compile(r"down_blocks_(\d+)_downsamplers_0_conv(.*)"), lambda m, f: f"input_blocks_{3 + int(m[1]) * 3}_0_op{m[2]}"),
+    (re.compile(r"mid_block_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, f: f"middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{_suffix(m[1], m[3])}"),
+    (re.compile(r"up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"),
+     lambda m, f: f"output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{_suffix(m[2], m[4])}"),
+    (re.compile(r"up_blocks_(\d+)_upsamplers_0_conv(.*)"),
+     lambda m, f: f"output_blocks_{2 + int(m[1]) * 3}_{1 if (f != 'sdxl' and m[1] == '0') else 2}_conv{m[2]}"),
+]
+
+
+def _suffix(block: str, rest: str) -> str:
+    if block != "resnets":
+        return rest
+    for name, new in _RESNET.items():
+        if rest == name or rest.startswith(name + "_"):
+            return new + rest[len(name):]
+    return rest
+
+
+def unet_path(name: str, family: str | None) -> str:
+    """A UNet module name in original naming (diffusers names converted; original names kept)."""
+    for rx, fn in _UNET_RULES:
+        m = rx.fullmatch(name)
+        if m:
+            return fn(m, family)
+    return name
+
+
+# ---- text encoders: HF CLIP naming ↔ open_clip naming --------------------------------------------
+_RE_HF_LAYER = re.compile(r"(?:text_model_)?encoder_layers_(\d+)_(.+)")
+_OPENCLIP_SUFFIX = {"mlp_fc1": "mlp_c_fc", "mlp_fc2": "mlp_c_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "self_attn_out_proj": "attn_out_proj"}
+_RE_QKV = re.compile(r"(.*)_(q|k|v)_proj$")
+
+
+def te_target(part: str, name: str, open_clip: bool) -> Target:
+    """A text-encoder target; HF CLIP names are converted when the model's encoder is open_clip."""
+    if name.startswith("model_"):  # checkpoint open_clip names (cond_stage_model.model.*) arrive as model_...
+        name = name[len("model_"):]
+    if not open_clip:
+        if name.startswith("encoder_"):
+            name = "text_model_" + name
+        return Target(part, name)
+    m = _RE_HF_LAYER.fullmatch(name)
+    if m:
+        layer, rest = m.groups()
+        q = re.fullmatch(r"self_attn_(q|k|v)_proj", rest)
+        if q:
+            return Target(part, f"transformer_resblocks_{layer}_attn", q[1])
+        return Target(part, f"transformer_resblocks_{layer}_{_OPENCLIP_SUFFIX.get(rest, rest)}")
+    if name in ("text_model_final_layer_norm", "final_layer_norm"):
+        return Target(part, "ln_final")
+    q = re.fullmatch(r"(transformer_resblocks_\d+_attn)_(q|k|v)(?:_proj)?", name)
+    if q:
+        return Target(part, q[1], q[2])
+    return Target(part, name)
+
+
+def target_for(part: str, name: str, family: str | None) -> Target:
+    """The model target of one file module name, given the file's base model."""
+    if part == "unet":
+        return Target("unet", unet_path(name, family))
+    open_clip = part == "te2" or family == "sd2"
+    return te_target(part, name, open_clip)
+
+
+# ---- base-model detection ----------------------------------------------------------------------
+_RE_XL_UNET = re.compile(r"(label_emb|add_embedding|transformer_blocks_[1-9]|input_blocks_[45]_1_transformer_blocks_1"
+                         r"|down_blocks_[12]_attentions_\d+_transformer_blocks_[1-9])")
+_RE_TE_LAYER = re.compile(r"(?:layers|resblocks)_(\d+)_")
+
+
+def detect_family(keys: dict[str, tuple[str, str, str]], shapes: dict[str, tuple[int, ...]],
+                  metadata: dict[str, str]) -> str | None:
+    """sd1/sd2/sdxl from the file's structure first, its shapes next, its metadata last."""
+    parts = {v[0] for v in keys.values()}
+    names = [v[1] for v in keys.values() if v[0] == "unet"]
+    if "te2" in parts or any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(_RE_XL_UNET.search(n) for n in names):
+        return "sdxl"
+    votes = []
+    for key, (part, name, param) in keys.items():
+        shape = shapes.get(key, ())
+        if part == "te":
+            m = _RE_TE_LAYER.search(name)
+            if m and int(m[1]) >= 12:
+                return "sd2"
+            if name.startswith(("transformer_resblocks", "model_transformer_resblocks")):
+                return "sd2"
+            if param == "lora_down.weight" and len(shape) == 2 and shape[1] in (768, 1024):
+                votes.append("sd1" if shape[1] == 768 else "sd2")
+        elif param == "lora_down.weight":
+            if name.endswith("proj_in"):
+                votes.append("sd2" if len(shape) == 2 else "sd1")
+            elif re.search(r"attn2_to_[kv]$", name) and len(shape) == 2 and shape[1] in (768, 1024):
+                votes.append("sd1" if shape[1] == 768 else "sd2")
+    if votes:
+        return max(set(votes), key=votes.count)
+    return family_from_metadata(metadata)
+
+
+def family_from_metadata(metadata: dict[str, str]) -> str | None:
+    base = str(metadata.get("ss_base_model_version", "")).lower()
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if base.startswith("sdxl") or "stable-diffusion-xl" in arch:
+        return "sdxl"
+    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2") or "stable-diffusion-v2" in arch:
+        return "sd2"
+    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch or metadata.get("ss_network_module"):
+        return "sd1"
+    return None
+
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", None: "unknown"}

@@ -1,0 +1,180 @@
+"""Reading network files without trusting them.
+
+The safetensors header is checked in full (size, JSON, dtypes, shapes against byte ranges, ranges inside
+the file and not overlapping) before any tensor byte is touched; pickled formats go only through
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LoraError
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
+
+SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes past which a file is refused before it is read."""
+
+    max_file_bytes: int = 4 * 1024 ** 3
+    max_header_bytes: int = 64 * 1024 ** 2
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: str, limits: Limits = Limits()) -> Header:
+    """Parse and validate a safetensors header; raise LoraError naming the first thing wrong."""
+    size = _file_size(path, limits)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoraError(path, f"not a safetensors file: only {size} bytes", "the download is incomplete; fetch it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > limits.max_header_bytes:
+            raise LoraError(path, f"header claims {n} bytes, over the {limits.max_header_bytes}-byte limit",
+                            "the file is corrupt or not a safetensors file")
+        if 8 + n > size:
+            raise LoraError(path, f"header of {n} bytes runs past the end of the {size}-byte file",
+                            "the file is truncated or not a safetensors file; fetch it again")
+        raw = f.read(n)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LoraError(path, f"header is not valid JSON ({e.__class__.__name__})",
+                        "the file is corrupt or not a safetensors file") from None
+    if not isinstance(doc, dict):
+        raise LoraError(path, "header is not a JSON object", "the file is corrupt")
+    data_len = size - 8 - n
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise LoraError(path, "__metadata__ is not a map of strings", "the file is corrupt")
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in doc.items():
+        tensors[key] = _tensor_info(path, key, entry, data_len)
+    spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
+    for (b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise LoraError(path, f"tensors {k1!r} and {k2!r} overlap in the file", "the file is corrupt")
+    return Header(tensors, dict(metadata), 8 + n)
+
+
+def _tensor_info(path: str, key: str, entry: object, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise LoraError(path, f"header entry {key!r} is not an object", "the file is corrupt")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise LoraError(path, f"tensor {key!r} has unknown dtype {dtype!r}", "the file is corrupt or from an unsupported tool")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise LoraError(path, f"tensor {key!r} has an invalid shape {shape!r}", "the file is corrupt")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise LoraError(path, f"tensor {key!r} has invalid data offsets {offsets!r}", "the file is corrupt")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise LoraError(path, f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {data_len})",
+                        "the file is truncated; fetch it again")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * DTYPE_SIZES[dtype] != end - begin:
+        raise LoraError(path, f"tensor {key!r}: {dtype}{shape} needs {numel * DTYPE_SIZES[dtype]} bytes but has {end - begin}",
+                        "the file is corrupt")
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def _file_size(path: str, limits: Limits) -> int:
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise LoraError(path, f"cannot read the file ({e.strerror or e})", "check that it exists and is readable") from None
+    if size > limits.max_file_bytes:
+        raise LoraError(path, f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit",
+                        "raise the size limit in settings if you trust this file")
+    return size
+
+
+def load_safetensors(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validated tensors and ``__metadata__`` of a safetensors file, on the CPU."""
+    header = read_header(path, limits)
+    for key, info in header.tensors.items():
+        if info.dtype not in TORCH_DTYPES:
+            raise LoraError(path, f"tensor {key!r} has dtype {info.dtype}, which torch here cannot hold", "convert the file to fp16 or fp32")
+    with open(path, "rb") as f:
+        f.seek(header.data_start)
+        data = bytearray(f.read())
+    tensors = {}
+    for key, info in header.tensors.items():
+        chunk = memoryview(data)[info.begin:info.end]
+        t = torch.frombuffer(chunk, dtype=TORCH_DTYPES[info.dtype]) if len(chunk) else torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+        tensors[key] = t.reshape(info.shape).clone()
+    return tensors, header.metadata
+
+
+def load_pickled(path: str, limits: Limits = Limits()) -> dict[str, torch.Tensor]:
+    """A legacy .pt/.ckpt/.bin state dict through the weights-only unpickler, never the full one."""
+    _file_size(path, limits)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses anything that could run code
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+        if zipfile.is_zipfile(path) or "weights_only" in str(e) or "Unsupported" in str(e):
+            raise LoraError(path, f"refused to unpickle: {reason}",
+                            "this file holds objects besides tensors; use a .safetensors version") from None
+        raise LoraError(path, f"not a readable torch file ({reason})", "the file is corrupt or truncated") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise LoraError(path, f"holds a {type(obj).__name__}, not a state dict", "this is not a network file")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise LoraError(path, "holds no tensors", "this is not a network file")
+    return tensors
+
+
+def read_state_dict(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of any supported network file, by suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".safetensors":
+        return load_safetensors(path, limits)
+    if suffix in SUFFIXES:
+        return load_pickled(path, limits), {}
+    raise LoraError(path, f"unsupported file type {suffix or '(none)'!r}", "use .safetensors, .pt, .ckpt or .bin")
+
+
+def read_metadata(path: str, limits: Limits = Limits()) -> dict[str, str]:
+    """Just the ``__metadata__`` of a safetensors file (empty for other kinds)."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        return {}
+    return read_header(path, limits).metadata

@@ -1,0 +1,73 @@
+"""Network files built in the tests, in the key styles real tools write (no downloads)."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from lib_lora.model_index import ROOTS, checkpoint_name
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te2": "lora_te2_"}
+# Text-encoder names as kohya writes them (HF CLIP naming) for the open_clip modules of SD2/SDXL.
+OPEN_CLIP_TO_HF = (("transformer_resblocks_", "text_model_encoder_layers_"), ("_mlp_c_fc", "_mlp_fc1"),
+                   ("_mlp_c_proj", "_mlp_fc2"), ("_attn_out_proj", "_self_attn_out_proj"), ("_ln_1", "_layer_norm1"),
+                   ("_ln_2", "_layer_norm2"))
+
+
+def module_targets(model: torch.nn.Module, kinds=(torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention)):
+    """(part, underscored path, module) for every patchable module of a checkpoint-named model."""
+    out = []
+    for raw, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        name = checkpoint_name(raw)
+        for prefix, part, open_clip in ROOTS:
+            if name.startswith(prefix):
+                out.append((part, name[len(prefix):].replace(".", "_"), module, open_clip))
+                break
+    return out
+
+
+def kohya_key(part: str, path: str, open_clip: bool, sdxl: bool) -> str:
+    if open_clip:
+        for a, b in OPEN_CLIP_TO_HF:
+            path = path.replace(a, b)
+    prefix = KOHYA_PREFIX[part]
+    if sdxl and part == "te":
+        prefix = "lora_te1_"
+    return prefix + path
+
+
+def random_kohya_lora(model: torch.nn.Module, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
+                      scale: float = 0.1, conv: bool = True, dtype=torch.float32, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA (compvis UNet names, HF text-encoder names) on every Linear/Conv of ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for part, path, module, open_clip in module_targets(model):
+        if isinstance(module, torch.nn.MultiheadAttention):
+            e = module.embed_dim
+            for sub in "qkv":
+                base = kohya_key(part, path, open_clip, sdxl).replace("_attn", "_self_attn") + f"_{sub}_proj"
+                sd[base + ".lora_down.weight"] = torch.randn(rank, e, generator=g) * scale
+                sd[base + ".lora_up.weight"] = torch.randn(e, rank, generator=g) * scale
+                if alpha is not None:
+                    sd[base + ".alpha"] = torch.tensor(alpha)
+            continue
+        key = kohya_key(part, path, open_clip, sdxl)
+        if isinstance(module, torch.nn.Conv2d):
+            if not conv and module.kernel_size != (1, 1):
+                continue
+            down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=g) * scale
+            up = torch.randn(module.out_channels, rank, 1, 1, generator=g) * scale
+        else:
+            down = torch.randn(rank, module.in_features, generator=g) * scale
+            up = torch.randn(module.out_features, rank, generator=g) * scale
+        sd[key + ".lora_down.weight"] = down
+        sd[key + ".lora_up.weight"] = up
+        if alpha is not None:
+            sd[key + ".alpha"] = torch.tensor(alpha)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def save(path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return str(path)
