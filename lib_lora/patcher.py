@@ -82,7 +82,8 @@ class Contribution:
     use: Use
 
     def signature(self) -> tuple:
-        return (id(self.adapter), self.sub, self.multiplier, self.dyn)
+        """Holds the adapter itself (compared by identity), so a freed adapter's id is never mistaken for a new one."""
+        return (self.adapter, self.sub, self.multiplier, self.dyn, self.use.start, self.use.stop)
 
 
 class Patcher:
@@ -292,6 +293,14 @@ class Patcher:
             module.forward = payload
 
     # ---- restoring --------------------------------------------------------------------------
+    def forget(self) -> None:
+        """Drop hooks and backups without writing: the model's weights were replaced from outside."""
+        for name in list(self._hooks):
+            self._unhook(name)
+        self._backups.clear()
+        self._merged.clear()
+        self._bypassed.clear()
+
     def restore(self) -> None:
         """Every touched tensor back to its original bits; every hook removed."""
         with torch.no_grad():

@@ -1,0 +1,75 @@
+"""The WebUI's user-metadata sidecar (``name.json`` beside the network file), read and written safely.
+
+Keys the WebUI knows are kept as it writes them; unknown keys survive every write; writes go to a temp
+file that is renamed over the old one, so a crash or a full disk leaves the old file intact; a corrupt
+sidecar is reported and kept aside as ``name.json.bad``, never silently overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from .errors import LoraError
+
+KEYS = ("description", "activation text", "preferred weight", "negative text", "notes", "sd version")
+
+
+def sidecar_path(network_path: str) -> str:
+    return os.path.splitext(network_path)[0] + ".json"
+
+
+def read(network_path: str) -> dict:
+    """The sidecar's contents ({} when there is none); LoraError when it is corrupt."""
+    path = sidecar_path(network_path)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LoraError(path, f"user metadata is unreadable ({e.__class__.__name__})",
+                        "fix or delete it; saving from the editor will keep it aside as .json.bad") from None
+    if not isinstance(data, dict):
+        raise LoraError(path, "user metadata is not a JSON object", "fix or delete it")
+    return data
+
+
+def read_or_empty(network_path: str) -> tuple[dict, str | None]:
+    try:
+        return read(network_path), None
+    except LoraError as e:
+        return {}, e.message
+
+
+def write(network_path: str, values: dict) -> dict:
+    """Merge ``values`` into the sidecar (unknown keys kept) and write it atomically."""
+    path = sidecar_path(network_path)
+    try:
+        data = read(network_path)
+    except LoraError:
+        os.replace(path, path + ".bad")
+        data = {}
+    data.update(values)
+    atomic_write_text(path, json.dumps(data, indent=4, ensure_ascii=False))
+    return data
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf8"))
