@@ -71,3 +71,47 @@ def random_kohya_lora(model: torch.nn.Module, rank: int = 4, alpha: float | None
 def save(path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
     return str(path)
+
+
+def diffusers_unet_name(path: str) -> str:
+    """compvis → diffusers names for the SD1/SD2 attention blocks (how kohya writes SD1 UNet keys)."""
+    import re
+    m = re.match(r"input_blocks_(\d+)_1_(.+)", path)
+    if m:
+        n = int(m[1]) - 1
+        return f"down_blocks_{n // 3}_attentions_{n % 3}_{m[2]}"
+    m = re.match(r"middle_block_1_(.+)", path)
+    if m:
+        return f"mid_block_attentions_0_{m[1]}"
+    m = re.match(r"output_blocks_(\d+)_1_(.+)", path)
+    if m:
+        n = int(m[1])
+        return f"up_blocks_{n // 3}_attentions_{n % 3}_{m[2]}"
+    return path
+
+
+def attention_lora(model: torch.nn.Module, rank: int = 4, alpha: float = 4.0, seed: int = 0, scale: float = 0.15,
+                   diffusers_names: bool = True, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A kohya LoRA on attention/proj layers and the text encoder (the common kind), for any model size.
+
+    Works on meta-device models: only names and shapes are read."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for part, path, module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
+        if part == "unet" and "_1_" not in path.replace("middle_block_1_", "_1_"):
+            continue
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1):
+            continue
+        if part == "unet" and diffusers_names:
+            path = diffusers_unet_name(path)
+        key = kohya_key(part, path, open_clip, False)
+        w = module.weight
+        out_f, in_f = w.shape[0], w.shape[1]
+        down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5 * scale
+        up = torch.randn(out_f, rank, generator=g) / rank ** 0.5 * scale
+        if w.dim() == 4:
+            down, up = down.reshape(rank, in_f, 1, 1), up.reshape(out_f, rank, 1, 1)
+        sd[key + ".lora_down.weight"] = down.to(dtype)
+        sd[key + ".lora_up.weight"] = up.to(dtype)
+        sd[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+    return sd

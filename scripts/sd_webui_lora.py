@@ -1,0 +1,27 @@
+"""WebUI entry: an always-on script that keeps our ``lora`` network registered and reads negative-prompt tokens."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from modules import scripts  # noqa: E402
+
+from lib_lora.webui import glue  # noqa: E402
+
+glue.install_callbacks()
+
+
+class Script(scripts.Script):
+    def title(self):
+        return "sd-webui-lora"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process(self, p, *args):
+        glue.register_network()
+
+    def before_process_batch(self, p, *args, **kwargs):
+        glue.strip_negative_tokens(p)

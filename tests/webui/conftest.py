@@ -1,0 +1,98 @@
+"""The real A1111 WebUI v1.10.1 (../shared/webui-testbed) with this repo linked in as an extension."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pathlib
+import subprocess
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TB = ROOT.parent / "shared" / "webui-testbed"
+ARTIFACTS = ROOT / "artifacts"
+
+
+def _skip_or_fail(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"WebUI test bed unavailable in CI: {reason}")
+    pytest.skip(f"WebUI test bed unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def webui_bed():
+    if not (TB / "setup.sh").exists():
+        _skip_or_fail(f"no test bed scripts at {TB}")
+    out = subprocess.run([str(TB / "setup.sh")], stdout=subprocess.PIPE, text=True, timeout=3600)
+    if out.returncode != 0:
+        _skip_or_fail(f"setup.sh exited {out.returncode}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory):
+    from webui_files import write_all
+    d = tmp_path_factory.mktemp("loras")
+    write_all(d)
+    return d
+
+
+def _start(bed: str, *args: str) -> str:
+    out = subprocess.run([str(TB / "start.sh"), bed, "--port", "0", "--replace", "--ext", f"sd-webui-lora={ROOT}", *args],
+                         stdout=subprocess.PIPE, text=True, timeout=900)
+    if out.returncode != 0:
+        log = pathlib.Path(bed, "webui.log")
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _stop(bed: str) -> None:
+    subprocess.run([str(TB / "stop.sh"), bed], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def webui(webui_bed, lora_dir):
+    """The WebUI with the built-in Lora disabled (one start for every test that uses it)."""
+    url = _start(webui_bed, "--no-builtin-lora", "--reset-config", "--", "--lora-dir", str(lora_dir))
+    yield Client(url, webui_bed)
+    _stop(webui_bed)
+
+
+class Client:
+    def __init__(self, url: str, bed: str):
+        self.url = url
+        self.bed = bed
+
+    def call(self, method: str, path: str, body=None, timeout: float = 600):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def txt2img(self, prompt: str, **kw) -> tuple[bytes, dict]:
+        body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler",
+                "cfg_scale": 7, "save_images": False}
+        body.update(kw)
+        status, res = self.call("POST", "/sdapi/v1/txt2img", body)
+        assert status == 200, res
+        info = json.loads(res["info"])
+        return base64.b64decode(res["images"][0]), info
+
+    def log(self) -> str:
+        p = pathlib.Path(self.bed, "webui.log")
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def pixels(png: bytes):
+    from PIL import Image
+    import numpy as np
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
