@@ -26,17 +26,19 @@ class Target(NamedTuple):
 # Parameter names each adapter kind stores per module; longest first so "lora_down.weight" wins over "weight".
 PARAMS = sorted({
     "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
-    "lora.up.weight", "lora.down.weight", "lora_magnitude_vector", "alpha", "scale", "dora_scale",
+    "lora.up.weight", "lora.down.weight", "lora_linear_layer.up.weight", "lora_linear_layer.down.weight",
+    "lora_magnitude_vector", "alpha", "scale", "dora_scale",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
     "weight", "on_input", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale",
     "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "bias",
 }, key=len, reverse=True)
 PARAM_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-                 "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"}
+                 "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+                 "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight"}
 
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te"), ("lora_te2_", "te2"), ("lora_te_", "te"),
-                   ("oft_unet_", "unet"), ("lycoris_", "unet"))
+                   ("oft_unet_", "unet"))
 _DOTTED_PREFIXES = (
     ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"), ("unet.", "unet"),
     ("cond_stage_model.transformer.", "te"), ("cond_stage_model.model.", "te"),
@@ -160,7 +162,7 @@ def detect_family(keys: dict[str, tuple[str, str, str]], shapes: dict[str, tuple
     """sd1/sd2/sdxl from the file's structure first, its shapes next, its metadata last."""
     parts = {v[0] for v in keys.values()}
     names = [v[1] for v in keys.values() if v[0] == "unet"]
-    if "te2" in parts or any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(_RE_XL_UNET.search(n) for n in names):
+    if "te2" in parts or any(_RE_XL_UNET.search(n) for n in names):
         return "sdxl"
     votes = []
     for key, (part, name, param) in keys.items():
@@ -190,7 +192,7 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
         return "sdxl"
     if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2") or "stable-diffusion-v2" in arch:
         return "sd2"
-    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch or metadata.get("ss_network_module"):
+    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch:
         return "sd1"
     return None
 

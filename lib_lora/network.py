@@ -1,7 +1,10 @@
 """A network file turned into adapters keyed by model target, independent of any loaded model."""
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -90,6 +93,7 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
             unmatched[file_key] = f"second entry for {target}"
             continue
         modules[target] = adapter
+    _apply_peft_config(modules, metadata, {t: a.key for t, a in modules.items()})
     if not modules:
         raise LoraError(path, "no usable network modules (" + "; ".join(f"{k}: {v}" for k, v in list(unmatched.items())[:3]) + ")",
                         "the file is damaged or of an unsupported kind")
@@ -107,6 +111,39 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
     )
 
 
+PEFT_PREFIXES = {"unet": "unet", "te": "text_encoder", "te2": "text_encoder_2"}
+
+
+def _apply_peft_config(modules: dict[Target, Adapter], metadata: dict[str, str], keys: dict[Target, str]) -> None:
+    """diffusers keeps PEFT's ``lora_alpha`` (and ``alpha_pattern``, ``use_rslora``) in the header's
+    ``lora_adapter_metadata`` instead of per-module alpha tensors."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return
+    if not isinstance(config, dict):
+        return
+    for target, adapter in modules.items():
+        prefix = PEFT_PREFIXES[target.part]
+        alpha = config.get(f"{prefix}.lora_alpha")
+        if adapter.alpha is not None or alpha is None or not adapter.rank:
+            continue
+        for pattern, value in (config.get(f"{prefix}.alpha_pattern") or {}).items():
+            if keys[target].endswith(pattern) or re.search(pattern, keys[target]):
+                alpha = value
+                break
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            continue
+        if config.get(f"{prefix}.use_rslora"):
+            alpha *= math.sqrt(adapter.rank)
+        adapter.alpha = alpha
+
+
 def _check_group(w: dict[str, torch.Tensor]) -> str | None:
     """Internal consistency of one module's factors (shapes the adapters rely on)."""
     for k, t in w.items():
@@ -118,7 +155,8 @@ def _check_group(w: dict[str, torch.Tensor]) -> str | None:
             return f"lora_up/lora_down must be matrices, got {tuple(up.shape)} and {tuple(down.shape)}"
         if up.shape[1] != down.shape[0]:
             return f"rank mismatch: lora_up has {up.shape[1]}, lora_down has {down.shape[0]}"
-    if "hada_w1_a" in w and "hada_w1_b" in w and w["hada_w1_a"].dim() == 2 and w["hada_w1_a"].shape[1] != w["hada_w1_b"].shape[0]:
+    if ("hada_w1_a" in w and "hada_w1_b" in w and "hada_t1" not in w and w["hada_w1_a"].dim() == 2
+            and w["hada_w1_a"].shape[1] != w["hada_w1_b"].shape[0]):
         return f"rank mismatch: hada_w1_a has {w['hada_w1_a'].shape[1]}, hada_w1_b has {w['hada_w1_b'].shape[0]}"
     return None
 

@@ -76,7 +76,8 @@ class Adapter:
     def delta(self, orig: Tensor, multiplier: float, dyn: int | None = None) -> tuple[Tensor, Tensor | None]:
         d = self.diff(orig, dyn)
         if self.magnitude is not None:
-            d = dora_delta(orig, d, self.t(self._magnitude_name(), orig.device))
+            name = self._magnitude_name()
+            d = dora_delta(orig, d, self.t(name, orig.device), per_row=name == "lora_magnitude_vector")
         b = self.bias_diff(orig.device)
         return d * multiplier, (b * multiplier if b is not None else None)
 
@@ -114,13 +115,14 @@ def functional_op(module: torch.nn.Module, x: Tensor, w: Tensor, b: Tensor | Non
     return out.to(dtype)
 
 
-def dora_delta(orig: Tensor, d: Tensor, magnitude: Tensor) -> Tensor:
+def dora_delta(orig: Tensor, d: Tensor, magnitude: Tensor, per_row: bool = False) -> Tensor:
     """DoRA: rescale the merged weight to the stored magnitude, per output row (kohya/LyCORIS
     ``dora_scale`` of shape [out, 1, …], PEFT ``lora_magnitude_vector``) or per input column
-    (LyCORIS with ``wd_on_out=False``, shape [1, in, …]); returns the change from ``orig``."""
+    (LyCORIS with ``wd_on_out=False``, shape [1, in, …]); PEFT's vector is always per output row, whatever
+    its shape (convs store it as [1, out, 1, 1]). Returns the change from ``orig``."""
     merged = orig + d
     eps = torch.finfo(merged.dtype).eps
-    if magnitude.dim() == 1 or (magnitude.shape[0] == merged.shape[0] and magnitude.shape[1] == 1):
+    if per_row or magnitude.dim() == 1 or (magnitude.shape[0] == merged.shape[0] and magnitude.shape[1] == 1):
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * (merged.dim() - 1))
     else:
         norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)

@@ -12,10 +12,11 @@ class IA3(Adapter):
 
     @classmethod
     def accepts(cls, w: dict[str, Tensor]) -> bool:
-        return "weight" in w and w["weight"].dim() == 1
+        t = w.get("weight")
+        return t is not None and t.dim() >= 1 and sum(d != 1 for d in t.shape) <= 1
 
     def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
-        w = self.t("weight", orig.device)
+        w = self.t("weight", orig.device).reshape(-1)
         on_input = "on_input" in self.w and bool(self.w["on_input"].reshape(-1)[0])
         shape = [1] * orig.dim()
         shape[1 if on_input else 0] = -1

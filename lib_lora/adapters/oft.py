@@ -12,9 +12,7 @@ def cayley(blocks: Tensor, constraint: float) -> Tensor:
     eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
     q = blocks - blocks.transpose(-1, -2)
     if constraint > 0:
-        norm = torch.norm(q) + 1e-8
-        if norm > constraint:
-            q = q * constraint / norm
+        q = q * torch.clamp(constraint / (torch.norm(q) + 1e-8), max=1.0)
     return (eye + q) @ (eye - q).inverse()
 
 
