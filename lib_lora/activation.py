@@ -15,7 +15,7 @@ from .catalog import Catalog
 from .errors import LoraError
 from .keymap import FAMILY_NAMES
 from .patcher import ApplyResult, Patcher, Use
-from .prompt import Request, resolve_step
+from .prompt import Request
 
 log = logging.getLogger("sd-webui-lora")
 
@@ -60,8 +60,7 @@ class Activator:
             self.patcher.forget()
         self.patcher = None
 
-    def build(self, requests: list[Request], family: str | None, prompt: str, steps: int,
-              settings: Settings) -> Report:
+    def build(self, requests: list[Request], family: str | None, prompt: str, settings: Settings) -> Report:
         rep = Report()
         for req in requests:
             entry, warning = self.catalog.resolve(req.name, settings.prefer_alias)
@@ -79,7 +78,10 @@ class Activator:
             if net.base_model and family and net.base_model != family:
                 msg = (f"{req.name}: made for {FAMILY_NAMES[net.base_model]}, but the loaded model is "
                        f"{FAMILY_NAMES[family]}; not applied")
-                rep.errors.append(msg)
+                if settings.warn_base_model:
+                    rep.errors.append(msg)
+                else:
+                    log.info(msg)
                 continue
             user, problem = self.catalog.user_metadata(entry)
             if problem:
@@ -87,15 +89,16 @@ class Activator:
             preferred = _float(user.get("preferred weight")) or 1.0
             te = req.te if req.te is not None else preferred
             unet = req.unet if req.unet is not None else te
-            start, stop = resolve_step(req.start, steps), resolve_step(req.stop, steps)
+            start, stop = req.start, req.stop
+            if settings.mode == "merge" and (start is not None or stop is not None):
+                rep.warnings.append(f"{req.name}: start=/stop= need the bypass or auto apply mode; applied for every step")
+                start = stop = None
             try:
                 use = Use(net, te=te, unet=unet, dyn=req.dyn, blocks=req.lbw, start=start, stop=stop,
-                          mode=None if settings.mode == "auto" else settings.mode)
+                          mode="bypass" if settings.mode == "bypass" or start is not None or stop is not None else "merge")
             except ValueError as e:
                 rep.errors.append(f"{req.name}: {e}")
                 continue
-            if use.scheduled():
-                use.mode = "bypass"
             rep.uses.append(use)
             rep.in_use.add(entry.relpath)
             rep.hashes[req.name.replace(":", "").replace(",", "")] = self.catalog.ensure_hash(entry)[:12]
@@ -119,8 +122,8 @@ class Activator:
 
     def apply(self, model: torch.nn.Module, rep: Report, settings: Settings) -> Report:
         patcher = self.patcher_for(model)
-        mode = "bypass" if settings.mode == "bypass" else "merge"
-        rep.result = patcher.apply(rep.uses, mode=mode)
+        patcher.step = None
+        rep.result = patcher.apply(rep.uses, mode="bypass" if settings.mode == "bypass" else "merge")
         rep.errors.extend(rep.result.errors)
         self.catalog.trim(keep=rep.in_use)
         for msg in rep.errors:

@@ -171,9 +171,13 @@ class Catalog:
     # ---- loading --------------------------------------------------------------------------
     def load(self, entry: Entry) -> Network:
         """The decoded network, from the cache when the file is unchanged (LRU, ``cache_limit`` kept)."""
+        try:
+            mtime = os.path.getmtime(entry.path)
+        except OSError:
+            raise LoraError(entry.path, "the file is gone", "refresh the Lora list") from None
         with self._lock:
             net = self._loaded.get(entry.relpath)
-            if net is not None and net.mtime == os.path.getmtime(entry.path):
+            if net is not None and net.mtime == mtime:
                 self._loaded.move_to_end(entry.relpath)
                 return net
         net = load(entry.path, name=entry.name, limits=self.limits)

@@ -25,8 +25,9 @@ def addnet_hash(path: str) -> str:
     Civitai's AutoV3 and kohya's ``sshs_model_hash``). Metadata edits do not change it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n + 8)
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        f.seek(n + 8 if len(head) == 8 else 0)
         for chunk in iter(lambda: f.read(BLOCK), b""):
             h.update(chunk)
     return h.hexdigest()

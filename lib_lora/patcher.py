@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from .blocks import BlockWeights
 from .keymap import FAMILY_NAMES, Target
 from .model_index import ModelIndex
 from .network import Network
+from .prompt import resolve_step
 
 MODES = ("merge", "bypass")
 
@@ -33,8 +35,8 @@ class Use:
     unet: float = 1.0
     dyn: int | None = None
     blocks: BlockWeights | str | list[float] | None = None
-    start: int | None = None
-    stop: int | None = None
+    start: float | None = None
+    stop: float | None = None
     mode: str | None = None
 
     def __post_init__(self):
@@ -59,10 +61,12 @@ class Use:
     def scheduled(self) -> bool:
         return self.start is not None or self.stop is not None
 
-    def active_at(self, step: int | None) -> bool:
+    def active_at(self, step: int | None, total: int | None = None) -> bool:
+        """Whether a scheduled network is on at this sampling step (values below 1 are fractions of ``total``)."""
         if step is None:
             return True
-        return (self.start is None or step >= self.start) and (self.stop is None or step < self.stop)
+        start, stop = resolve_step(self.start, total or 0), resolve_step(self.stop, total or 0)
+        return (start is None or step >= start) and (stop is None or step < stop)
 
 
 @dataclass
@@ -93,12 +97,13 @@ class Patcher:
         self.model = model
         self.index = ModelIndex(model)
         self.step: int | None = None
+        self.total_steps: int | None = None
         self._backups: dict[str, dict[str, torch.Tensor]] = {}
         self._modules: dict[str, torch.nn.Module] = {}
         self._merged: dict[str, tuple] = {}
         self._bypassed: dict[str, tuple] = {}
         self._hooks: dict[str, object] = {}
-        self._fits: dict[tuple, str | None] = {}
+        self._fits: weakref.WeakKeyDictionary[Adapter, dict[tuple, str | None]] = weakref.WeakKeyDictionary()
 
     @property
     def family(self) -> str | None:
@@ -161,9 +166,10 @@ class Patcher:
     def _fit(self, adapter: Adapter, module: torch.nn.Module, sub: str | None, dyn: int | None) -> str | None:
         """Why the adapter cannot patch this weight, checked on meta tensors (no data touched)."""
         shape = _weight_shape(module, sub)
-        key = (id(adapter), shape, dyn, _has_bias(module, sub))
-        if key in self._fits:
-            return self._fits[key]
+        key = (shape, dyn, _has_bias(module, sub))
+        known = self._fits.setdefault(adapter, {})
+        if key in known:
+            return known[key]
         reason = None
         if shape is None:
             reason = f"{type(module).__name__} has no weight to patch"
@@ -178,7 +184,7 @@ class Patcher:
                 reason = None
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
                 reason = f"factors do not fit weight {shape}: {str(e).splitlines()[0][:160]}"
-        self._fits[key] = reason
+        known[key] = reason
         return reason
 
     # ---- applying ---------------------------------------------------------------------------
@@ -268,7 +274,7 @@ class Patcher:
             x = args[0]
             weight = patcher._original(name, "weight", mod)
             for c in contribs:
-                if c.use.active_at(patcher.step):
+                if c.use.active_at(patcher.step, patcher.total_steps):
                     out = out + c.adapter.bypass(x, mod, weight, c.multiplier, c.dyn)
             return out
 
@@ -343,7 +349,7 @@ def _mha_bypass_forward(mha: torch.nn.MultiheadAttention, name: str, contribs: l
     w_in = patcher._original(name, "in_proj_weight", mha)
     b_in = patcher._original(name, "in_proj_bias", mha)
     e = mha.embed_dim
-    active = [c for c in contribs if c.use.active_at(patcher.step)]
+    active = [c for c in contribs if c.use.active_at(patcher.step, patcher.total_steps)]
     proj = []
     for i, (sub, x) in enumerate(zip("qkv", (query, key, value))):
         y = F.linear(x, mha.in_proj_weight[i * e:(i + 1) * e], None if mha.in_proj_bias is None else mha.in_proj_bias[i * e:(i + 1) * e])

@@ -126,5 +126,5 @@ def resolve_step(value: float | None, steps: int) -> int | None:
     if value is None:
         return None
     if 0 < value < 1:
-        return max(1, round(value * steps))
+        return max(1, round(value * steps)) if steps else 0
     return int(value)

@@ -21,7 +21,13 @@ class Script(scripts.Script):
         return scripts.AlwaysVisible
 
     def process(self, p, *args):
-        glue.register_network()
+        glue.job_started(p)
 
     def before_process_batch(self, p, *args, **kwargs):
         glue.strip_negative_tokens(p)
+
+    def process_batch(self, p, *args, **kwargs):
+        glue.strip_hires_negative_tokens(p)
+
+    def postprocess(self, p, processed, *args):
+        glue.job_finished(p)

@@ -14,6 +14,7 @@ from modules import extra_networks, paths, script_callbacks, shared
 from .. import inspect as lora_inspect
 from ..activation import Activator, Settings
 from ..catalog import Catalog
+from ..errors import LoraError
 from ..hashes import file_hashes
 from ..prompt import TOKEN, PromptError, parse_items
 
@@ -81,12 +82,11 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             except PromptError as e:
                 problems.append(f"<lora:{':'.join(map(str, items))}>: {e}")
         hr = getattr(p, "is_hr_pass", False)
-        steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr else p.steps
         settings = st.settings()
         model = shared.sd_model
         patcher = st.activator.patcher_for(model)
         prompt = " ".join(getattr(p, "prompts", None) or [getattr(p, "prompt", "")])
-        rep = st.activator.build(requests, patcher.family, prompt, steps, settings)
+        rep = st.activator.build(requests, patcher.family, prompt, settings)
         rep.errors[:0] = problems
         st.activator.apply(model, rep, settings)
         st.active_uses = rep.uses
@@ -127,6 +127,25 @@ def strip_negative_tokens(p) -> None:
     p.negative_prompts = [TOKEN.sub("", text) for text in p.negative_prompts]
 
 
+def strip_hires_negative_tokens(p) -> None:
+    """The hires pass's negative prompts are sliced after activation; keep tokens out of them too."""
+    if getattr(p, "hr_negative_prompts", None):
+        p.hr_negative_prompts = [TOKEN.sub("", text) for text in p.hr_negative_prompts]
+
+
+def job_started(p) -> None:
+    """Our network answers ``<lora>``; a job that disables extra networks runs on the plain model."""
+    register_network()
+    if getattr(p, "disable_extra_networks", False):
+        st = state()
+        st.activator.patcher_for(shared.sd_model).apply([])
+        st.active_uses = []
+
+
+def job_finished(p) -> None:
+    state().active_uses = []
+
+
 def on_model_loaded(sd_model) -> None:
     """Fresh weights were loaded: forget stale backups, then carry the job's networks onto this model
     (a refiner or a checkpoint switch in the middle of a job)."""
@@ -140,9 +159,11 @@ def on_model_loaded(sd_model) -> None:
 
 
 def on_cfg_denoiser(params) -> None:
+    """Scheduled networks follow the denoiser's own step counter and the steps this pass really runs."""
     patcher = state().activator.patcher
     if patcher is not None:
-        patcher.step = params.sampling_step
+        patcher.step = getattr(params.denoiser, "step", params.sampling_step)
+        patcher.total_steps = params.total_sampling_steps
 
 
 re_lora = re.compile(r"<(lora|lyco):([^:>]+)")
@@ -164,7 +185,7 @@ def on_infotext_pasted(infotext, params: dict) -> None:
         short = table.get(m.group(2))
         if not short:
             return m.group(0)
-        entry, _ = catalog.resolve(m.group(2))
+        entry, _ = catalog.resolve(m.group(2), state().settings().prefer_alias)
         if entry is not None and catalog.ensure_hash(entry)[:12] == short:
             return m.group(0)
         entry = catalog.by_hash(short)
@@ -198,13 +219,14 @@ def on_app_started(_demo, app) -> None:
     @app.get("/lora/v1/info/{name:path}")
     def get_info(name: str):
         catalog = state().catalog
-        entry, warning = catalog.resolve(name)
+        entry, warning = catalog.resolve(name, state().settings().prefer_alias)
         if entry is None:
             raise HTTPException(status_code=404, detail=warning or f"Lora not found: {name}")
+        hashes = file_hashes(entry.path)
         try:
-            info = lora_inspect.summary(catalog.load(entry), hashes=file_hashes(entry.path))
-        except Exception as e:  # a broken file still gets an answer naming the reason
-            info = {"error": getattr(e, "message", str(e)), "metadata": entry.metadata, "hashes": file_hashes(entry.path)}
+            info = lora_inspect.summary(catalog.load(entry), hashes=hashes)
+        except LoraError as e:  # a broken file still gets an answer naming the reason
+            info = {"error": e.message, "metadata": entry.metadata, "hashes": hashes, "base_model": None}
         user, problem = catalog.user_metadata(entry)
         info.update({"name": entry.name, "relpath": entry.relpath, "alias": entry.alias, "user_metadata": user,
                      "user_metadata_error": problem, "shorthash": catalog.ensure_hash(entry)[:12]})
@@ -231,6 +253,7 @@ def on_ui_settings() -> None:
     for key, info in options.items():
         info.section = SECTION
         shared.opts.add_option(key, info)
+    shared.opts.onchange("sdlora_cache_limit", on_cache_limit_change)
 
 
 def on_cache_limit_change() -> None:

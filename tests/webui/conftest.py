@@ -40,26 +40,46 @@ def lora_dir(tmp_path_factory):
     return d
 
 
-def _start(bed: str, *args: str) -> str:
-    out = subprocess.run([str(TB / "start.sh"), bed, "--port", "0", "--replace", "--ext", f"sd-webui-lora={ROOT}", *args],
-                         stdout=subprocess.PIPE, text=True, timeout=900)
-    if out.returncode != 0:
-        log = pathlib.Path(bed, "webui.log")
-        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-        pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
-    return out.stdout.strip().splitlines()[-1]
+class Server:
+    """One WebUI at a time on the bed, restarted only when a test needs another configuration."""
 
+    def __init__(self, bed: str, lora_dir: pathlib.Path):
+        self.bed, self.lora_dir, self.config, self.client = bed, lora_dir, None, None
 
-def _stop(bed: str) -> None:
-    subprocess.run([str(TB / "stop.sh"), bed], check=False, timeout=120)
+    def ensure(self, config: str) -> "Client":
+        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only)."""
+        if config == self.config:
+            return self.client
+        args = ["--port", "0", "--replace", "--reset-config"]
+        if config != "builtin":
+            args += ["--ext", f"sd-webui-lora={ROOT}"]
+        if config == "ours":
+            args.append("--no-builtin-lora")
+        args += ["--", "--lora-dir", str(self.lora_dir)]
+        out = subprocess.run([str(TB / "start.sh"), self.bed, *args], stdout=subprocess.PIPE, text=True, timeout=900)
+        if out.returncode != 0:
+            log = pathlib.Path(self.bed, "webui.log")
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
+        self.config = config
+        self.client = Client(out.stdout.strip().splitlines()[-1], self.bed)
+        return self.client
+
+    def stop(self) -> None:
+        subprocess.run([str(TB / "stop.sh"), self.bed], check=False, timeout=120)
 
 
 @pytest.fixture(scope="session")
-def webui(webui_bed, lora_dir):
-    """The WebUI with the built-in Lora disabled (one start for every test that uses it)."""
-    url = _start(webui_bed, "--no-builtin-lora", "--reset-config", "--", "--lora-dir", str(lora_dir))
-    yield Client(url, webui_bed)
-    _stop(webui_bed)
+def server(webui_bed, lora_dir):
+    srv = Server(webui_bed, lora_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def webui(server):
+    """The WebUI with the built-in Lora disabled."""
+    return server.ensure("ours")
 
 
 class Client:

@@ -111,3 +111,17 @@ def test_info_route(webui):
     assert info["base_model"] == "sd1" and info["kinds"] == {"lora": info["modules"]}
     assert len(info["hashes"]["sha256"]) == 64 and len(info["shorthash"]) == 12
     assert webui.call("GET", "/lora/v1/info/nope")[0] == 404
+
+
+def test_start_stop_schedule_runs_in_bypass(webui, plain):
+    full, _ = webui.txt2img("a cat <lora:kohya_a:1>")
+    late, _ = webui.txt2img("a cat <lora:kohya_a:1:start=1>", steps=3)
+    early, _ = webui.txt2img("a cat <lora:kohya_a:1:stop=1>", steps=3)
+    plain3, _ = webui.txt2img("a cat", steps=3)
+    full3, _ = webui.txt2img("a cat <lora:kohya_a:1>", steps=3)
+    imgs = [late, early, plain3, full3]
+    for i in range(len(imgs)):
+        for j in range(i + 1, len(imgs)):
+            assert not same(imgs[i], imgs[j]), (i, j)
+    again, _ = webui.txt2img("a cat", steps=3)
+    assert again == plain3
