@@ -212,7 +212,7 @@ def on_app_started(_demo, app) -> None:
         return [network_json(e) for e in list(state().catalog.entries.values())]
 
     @app.post("/sdapi/v1/refresh-loras")
-    async def refresh_loras():
+    def refresh_loras():
         state().catalog.refresh()
         return None
 
