@@ -154,6 +154,7 @@ def target_for(part: str, name: str, family: str | None) -> Target:
 # ---- base-model detection ----------------------------------------------------------------------
 _RE_XL_UNET = re.compile(r"(label_emb|add_embedding|transformer_blocks_[1-9]|input_blocks_[45]_1_transformer_blocks_1"
                          r"|down_blocks_[12]_attentions_\d+_transformer_blocks_[1-9])")
+_DOWN = ("lora_down.weight", "hada_w1_b", "hada_w2_b")
 _RE_TE_LAYER = re.compile(r"(?:layers|resblocks)_(\d+)_")
 
 
@@ -173,10 +174,10 @@ def detect_family(keys: dict[str, tuple[str, str, str]], shapes: dict[str, tuple
                 return "sd2"
             if name.startswith(("transformer_resblocks", "model_transformer_resblocks")):
                 return "sd2"
-            if param == "lora_down.weight" and len(shape) == 2 and shape[1] in (768, 1024):
+            if param in _DOWN and len(shape) == 2 and shape[1] in (768, 1024):
                 votes.append("sd1" if shape[1] == 768 else "sd2")
-        elif param == "lora_down.weight":
-            if name.endswith("proj_in"):
+        elif param in _DOWN:
+            if name.endswith("proj_in") and param == "lora_down.weight":
                 votes.append("sd2" if len(shape) == 2 else "sd1")
             elif re.search(r"attn2_to_[kv]$", name) and len(shape) == 2 and shape[1] in (768, 1024):
                 votes.append("sd1" if shape[1] == 768 else "sd2")

@@ -115,3 +115,71 @@ def attention_lora(model: torch.nn.Module, rank: int = 4, alpha: float = 4.0, se
         sd[key + ".lora_up.weight"] = up.to(dtype)
         sd[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
     return sd
+
+
+def as_peft(kohya_sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The same LoRA as ``attention_lora(..., diffusers_names=False)`` in diffusers/PEFT key layout
+    (``unet.down_blocks.0.attentions.0….to_q.lora_A.weight``, ``text_encoder.text_model….lora_B.weight``);
+    alpha is folded into B since PEFT files carry no per-module alpha."""
+    import re
+    dotted = {}
+    for part, path, module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
+        dotted[kohya_key(part, path, open_clip, False)] = (part, path)
+    out = {}
+    for key, t in kohya_sd.items():
+        base, _, param = key.partition(".")
+        if param == "alpha" or base not in dotted:
+            continue
+        part, path = dotted[base]
+        name = _dotted(model, part, path)
+        if part == "unet":
+            m = re.match(r"input_blocks\.(\d+)\.1\.(.+)", name) or None
+            if m:
+                n = int(m[1]) - 1
+                name = f"down_blocks.{n // 3}.attentions.{n % 3}.{m[2]}"
+            elif name.startswith("middle_block.1."):
+                name = "mid_block.attentions.0." + name[len("middle_block.1."):]
+            else:
+                m = re.match(r"output_blocks\.(\d+)\.1\.(.+)", name)
+                if not m:
+                    continue
+                n = int(m[1])
+                name = f"up_blocks.{n // 3}.attentions.{n % 3}.{m[2]}"
+            prefix = "unet."
+        else:
+            prefix = "text_encoder."
+        rank = kohya_sd[base + ".lora_down.weight"].shape[0]
+        scale = float(kohya_sd[base + ".alpha"]) / rank
+        if param == "lora_down.weight":
+            out[prefix + name + ".lora_A.weight"] = t
+        else:
+            out[prefix + name + ".lora_B.weight"] = (t.float() * scale).to(t.dtype)
+    return out
+
+
+def _dotted(model: torch.nn.Module, part: str, path: str) -> str:
+    for p, pth, module, _ in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
+        if p == part and pth == path:
+            for raw, mod in model.named_modules():
+                if mod is module:
+                    name = checkpoint_name(raw)
+                    for prefix, root_part, _oc in ROOTS:
+                        if name.startswith(prefix):
+                            return name[len(prefix):]
+    raise KeyError(path)
+
+
+def as_loha(kohya_sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LyCORIS LoHa with the same modules: hada factors of the same rank, random."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, t in kohya_sd.items():
+        base, _, param = key.partition(".")
+        if param == "lora_down.weight":
+            r, n_in = t.shape[0], t.reshape(t.shape[0], -1).shape[1]
+            n_out = kohya_sd[base + ".lora_up.weight"].shape[0]
+            for i in (1, 2):
+                out[f"{base}.hada_w{i}_a"] = (torch.randn(n_out, r, generator=g) * 0.3).to(t.dtype)
+                out[f"{base}.hada_w{i}_b"] = (torch.randn(r, n_in, generator=g) / n_in ** 0.5).to(t.dtype)
+            out[f"{base}.alpha"] = torch.tensor(float(r), dtype=t.dtype)
+    return out

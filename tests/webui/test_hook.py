@@ -125,3 +125,9 @@ def test_start_stop_schedule_runs_in_bypass(webui, plain):
             assert not same(imgs[i], imgs[j]), (i, j)
     again, _ = webui.txt2img("a cat", steps=3)
     assert again == plain3
+
+
+@pytest.mark.parametrize("name", ["peft_style", "lyco_loha"])
+def test_peft_and_lycoris_files(webui, plain, name):
+    png, info = webui.txt2img(f"a cat <lora:{name}:1>")
+    assert not same(png, plain) and "Lora errors" not in info["infotexts"][0], info["infotexts"][0]

@@ -15,6 +15,10 @@ def write_all(folder: pathlib.Path) -> None:
                    {"ss_network_module": "networks.lora"})
     (folder / "sub").mkdir()
     lorafiles.save(folder / "sub" / "nested.safetensors", lorafiles.attention_lora(sd15, seed=3), {})
+    b = lorafiles.attention_lora(sd15, seed=4, diffusers_names=False)
+    lorafiles.save(folder / "peft_style.safetensors", lorafiles.as_peft(b, sd15), {})
+    lorafiles.save(folder / "lyco_loha.safetensors", lorafiles.as_loha(b, seed=5),
+                   {"ss_network_module": "lycoris.kohya"})
     xl = models.sdxl_skeleton(seed=0)
     lorafiles.save(folder / "xl_only.safetensors", lorafiles.random_kohya_lora(xl, rank=2, sdxl=True), {})
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")

@@ -1,0 +1,370 @@
+"""The Lora card page and its editor in the WebUI's extra-networks area, and the "try weights" route.
+
+Thin glue over the WebUI's ExtraNetworksPage / UserMetadataEditor API: what a card shows is decided in
+``lib_lora.cards``; the files are the catalog's of ``glue.state()``; user metadata goes through
+``lib_lora.sidecar`` (atomic, unknown keys kept, corrupt files kept aside).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import os
+
+import gradio as gr
+from fastapi import HTTPException
+from pydantic import BaseModel
+
+from modules import (call_queue, images, infotext_utils, processing, script_callbacks, scripts, sd_models,
+                     sd_samplers, shared, sysinfo, ui_extra_networks)
+from modules.ui_extra_networks_user_metadata import UserMetadataEditor
+
+from .. import cards, sidecar
+from .. import inspect as lora_inspect
+from ..errors import LoraError
+from ..keymap import FAMILY_NAMES
+from . import glue
+
+VERSIONS = ["SD1", "SD2", "SDXL", "Unknown"]
+
+
+def model_family() -> str | None:
+    """The loaded checkpoint's family, without loading one (``shared.sd_model`` would)."""
+    model = sd_models.model_data.sd_model
+    if model is None:
+        return None
+    for family, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1")):
+        if getattr(model, flag, False):
+            return family
+    return None
+
+
+def js_string(text: str) -> str:
+    """A JS string literal (``quote_js`` leaves newlines raw, which breaks the card's onclick)."""
+    return json.dumps(text)
+
+
+class LoraPage(ui_extra_networks.ExtraNetworksPage):
+    def __init__(self):
+        super().__init__("Lora")
+
+    def refresh(self):
+        glue.state().catalog.refresh()
+
+    def allowed_directories_for_previews(self):
+        return list(glue.state().catalog.roots)
+
+    def list_items(self):
+        for index, name in enumerate(list(glue.state().catalog.entries)):
+            item = self.create_item(name, index)
+            if item is not None:
+                yield item
+
+    def create_item(self, name, index=None, enable_filter=True):
+        catalog = glue.state().catalog
+        entry = catalog.entries.get(name)
+        if entry is None:
+            return None
+        civitai, civitai_problem = cards.read_civitai(entry.path)
+        struct = cards.structure(entry)
+        base = os.path.splitext(entry.path)[0]
+        item = {
+            "name": entry.relpath,
+            "filename": entry.path,
+            "shorthash": entry.shorthash,
+            "preview": self.find_preview(base) or self.find_embedded_preview(base, entry.relpath, entry.metadata),
+            "local_preview": base + ".png",
+            "metadata": entry.metadata,
+            "sort_keys": {"default": list(catalog.entries).index(name) if index is None else index,
+                          **self.get_sort_keys(entry.path), "size": entry.size},
+            "sdlora": {"entry": entry, "civitai": civitai, "structure": struct,
+                       "problems": [p for p in (entry.metadata_error, civitai_problem) if p]},
+        }
+        self.read_user_metadata(item)
+        family = item["sdlora"]["family"]
+        if enable_filter and not cards.fits(family, model_family(), bool(glue.opt("sdlora_hide_incompatible", True))):
+            return None
+        return item
+
+    def read_user_metadata(self, item, use_cache=True):
+        """Everything that depends on ``name.json``: read again whenever the WebUI asks (after a save)."""
+        info = item["sdlora"]
+        entry, civitai, struct = info["entry"], info["civitai"], info["structure"]
+        user, problem = sidecar.read_or_empty(entry.path)
+        info["sidecar_problem"] = problem
+        info["family"] = family = cards.base_model(user, struct.base_model, civitai)
+        item["user_metadata"] = user
+        item["sd_version"] = cards.VERSION_OF.get(family, "Unknown")
+        item["description"] = cards.description(user, civitai) or self.find_description(os.path.splitext(entry.path)[0])
+        item["search_terms"] = cards.search_terms(entry, user, civitai, struct, family)
+        prefer_alias = glue.state().settings().prefer_alias
+        name = cards.prompt_name(glue.state().catalog, entry, prefer_alias)
+        weight = cards.preferred_weight(user)
+        activation = str(user.get("activation text") or "").strip()
+        item["prompt"] = " + ".join([
+            js_string(f"<lora:{name}:"),
+            js_string(f"{weight:g}") if weight else "opts.extra_networks_default_multiplier",
+            js_string(">" + (" " + activation if activation else "")),
+        ])
+        negative = str(user.get("negative text") or "").strip()
+        item["negative_prompt"] = js_string(f"({negative}:1)" if negative else "")
+
+    def find_preview(self, path):
+        """A fixed order (the WebUI's iterates a set): name.png first, which is what "Replace preview" writes."""
+        found = cards.preview_path(path, self.lister.exists)
+        return self.link_preview(found) if found else None
+
+    def create_item_html(self, tabname, item, template=None):
+        args = super().create_item_html(tabname, item)
+        if not isinstance(args, dict):
+            return args
+        args["background_image"] += badges_html(item)
+        return template.format(**args) if template else args
+
+    def create_user_metadata_editor(self, ui, tabname):
+        return LoraEditor(ui, tabname, self)
+
+
+def badges_html(item: dict) -> str:
+    """Kind, rank (flagged from LARGE_RANK up), base model and problems, top left on the card."""
+    info = item["sdlora"]
+    struct = info["structure"]
+    badges = []
+    if struct.kind:
+        modules = ", ".join(f"{n} {cards.KIND_LABELS.get(k, k)}" for k, n in struct.kinds.items())
+        badges.append(("kind", struct.kind, f"modules: {modules}"))
+    if struct.rank:
+        if struct.large:
+            badges.append(("rank sdlora-large", f"rank {struct.rank}",
+                           f"rank {cards.LARGE_RANK} or more: a large network, more likely to overfit and slower"))
+        else:
+            badges.append(("rank", f"rank {struct.rank}", ""))
+    if info["family"]:
+        badges.append(("base", cards.VERSION_OF[info["family"]], f"base model: {FAMILY_NAMES[info['family']]}"))
+    problems = ([struct.error] if struct.error else []) + info["problems"] + [info["sidecar_problem"] or ""]
+    problems = [p for p in problems if p]
+    if problems:
+        badges.append(("error", "!", "\n".join(problems)))
+    spans = "".join(f"<span class='sdlora-badge sdlora-{cls}' title='{html.escape(title, quote=True)}'>{html.escape(text)}</span>"
+                    for cls, text, title in badges)
+    return f"<div class='sdlora-badges'>{spans}</div>"
+
+
+def table_html(rows: list[tuple[str, str]]) -> str:
+    return "<table class='file-metadata'>" + "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+
+
+def toggle_suggestion(text: str, evt: gr.SelectData) -> str:
+    return cards.toggle_word(text, evt.value[0])
+
+
+class LoraEditor(UserMetadataEditor):
+    """The WebUI's editor with the Lora fields, trigger-word suggestions and "Try weights"."""
+
+    def create_extra_default_items_in_left_column(self):
+        self.select_sd_version = gr.Dropdown(VERSIONS, value="Unknown", label="Stable Diffusion version",
+                                             interactive=True, elem_id=f"{self.id_part}_sd_version")
+
+    def create_editor(self):
+        self.create_default_editor_elems()
+        self.edit_activation_text = gr.Textbox(label="Activation text (trigger words)", info="Added to the prompt with the network",
+                                               elem_id=f"{self.id_part}_activation_text")
+        button_suggest = gr.Button("Suggest trigger words", elem_id=f"{self.id_part}_suggest")
+        self.suggestions = gr.HighlightedText(label="Suggestions (from civitai.info and training tags, with counts): "
+                                              "click one to add or remove it", visible=False, elem_id=f"{self.id_part}_suggestions")
+        self.slider_preferred_weight = gr.Slider(label="Preferred weight", info="0 = the default weight (1)", minimum=0.0,
+                                                 maximum=2.0, step=0.01, value=0.0, elem_id=f"{self.id_part}_preferred_weight")
+        self.edit_negative_text = gr.Textbox(label="Negative text", info="Added to the negative prompt",
+                                             elem_id=f"{self.id_part}_negative_text")
+        self.edit_notes = gr.TextArea(label="Notes", lines=3, elem_id=f"{self.id_part}_notes")
+        button_try = gr.Button("Try weights 0, 0.25, 0.5, 0.75, 1 (txt2img prompt and seed)", elem_id=f"{self.id_part}_try")
+        self.html_try = gr.HTML(elem_id=f"{self.id_part}_try_result")
+        self.create_default_buttons()
+
+        button_suggest.click(fn=self.suggest, inputs=[self.edit_name_input], outputs=[self.suggestions], show_progress=False)
+        self.suggestions.select(fn=toggle_suggestion, inputs=[self.edit_activation_text], outputs=[self.edit_activation_text], show_progress=False)
+        button_try.click(fn=None, inputs=[self.edit_name_input], outputs=[],
+                         _js=f"function(name){{ sdloraTryWeights(name, {js_string(self.html_try.elem_id)}); return []; }}")
+        shown = [self.edit_name, self.edit_description, self.html_filedata, self.html_preview, self.edit_notes,
+                 self.select_sd_version, self.edit_activation_text, self.slider_preferred_weight, self.edit_negative_text,
+                 self.suggestions, self.html_try, self.html_status]
+        self.button_edit.click(fn=self.put_values_into_components, inputs=[self.edit_name_input], outputs=shown)\
+            .then(fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box])
+        edited = [self.edit_description, self.select_sd_version, self.edit_activation_text, self.slider_preferred_weight,
+                  self.edit_negative_text, self.edit_notes]
+        close_if_clean = ("function(name, status){ if (!status) closePopup(); extraNetworksRefreshSingleCard("
+                          f"{js_string(self.page.name)}, {js_string(self.tabname)}, name); }}")
+        self.button_save.click(fn=self.save_lora_user_metadata, inputs=[self.edit_name_input, *edited], outputs=[self.html_status])\
+            .then(fn=None, _js=close_if_clean, inputs=[self.edit_name_input, self.html_status], outputs=[])
+
+    def _item(self, name: str) -> dict:
+        item = self.page.items.get(name) or self.page.create_item(name, enable_filter=False)
+        if item is None:
+            raise gr.Error(f"{name} is no longer in the Lora folder; refresh the page")
+        return item
+
+    def put_values_into_components(self, name):
+        item = self._item(name)
+        self.page.read_user_metadata(item)
+        info, user = item["sdlora"], item["user_metadata"]
+        problems = [p for p in (info["sidecar_problem"], *info["problems"]) if p]
+        status = "".join(f"<p class='sdlora-problem'>{html.escape(p)}</p>" for p in problems)
+        return [
+            html.escape(name),
+            str(user.get("description") or "") or info["civitai"].description,
+            self.file_table(item),
+            self.get_card_html(name),
+            str(user.get("notes") or ""),
+            item["sd_version"],
+            str(user.get("activation text") or ""),
+            cards.preferred_weight(user),
+            str(user.get("negative text") or ""),
+            gr.update(value=[], visible=False),
+            "",
+            status,
+        ]
+
+    def file_table(self, item: dict) -> str:
+        """File, hashes, the engine's inspect summary and kohya's training metadata; then the tag table."""
+        entry, civitai = item["sdlora"]["entry"], item["sdlora"]["civitai"]
+        rows = [("File", entry.relpath), ("Size", sysinfo.pretty_bytes(entry.size)),
+                ("Modified", datetime.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M"))]
+        try:
+            summary = lora_inspect.inspect_file(entry.path, glue.state().catalog.limits)
+        except LoraError as e:
+            rows.append(("Error", e.message))
+        else:
+            hashes = summary["hashes"]
+            rows += [("SHA256", hashes["sha256"]), ("AutoV2", hashes["autov2"]), ("AutoV3", hashes["autov3"]),
+                     ("Format", summary["format"]), ("Detected base model", FAMILY_NAMES[summary["base_model"]]),
+                     ("Modules", ", ".join(f"{n} {cards.KIND_LABELS.get(k, k)}" for k, n in summary["kinds"].items())),
+                     ("Rank / alpha", f"{summary['rank']} / {summary['alpha']}"), ("Unused keys", summary["unmatched"])]
+        if civitai.base_label:
+            rows.append(("civitai base model", civitai.base_label))
+        rows += cards.training_rows(entry.metadata)
+        tags = cards.tag_counts(entry.metadata)
+        table = table_html(rows)
+        if tags:
+            table += (f"<details class='sdlora-tags'><summary>Training tags ({len(tags)})</summary>"
+                      + table_html([(t, str(n)) for t, n in tags[:200]]) + "</details>")
+        return table
+
+    def suggest(self, name):
+        info = self._item(name)["sdlora"]
+        found = cards.suggestions(info["entry"].metadata, info["civitai"])
+        if not found:
+            gr.Info("No civitai.info trained words and no ss_tag_frequency in this file")
+        return gr.update(value=found, visible=bool(found))
+
+    def save_lora_user_metadata(self, name, desc, sd_version, activation_text, preferred_weight, negative_text, notes):
+        """Writes through lib_lora.sidecar; a corrupt old file is kept aside and the editor says so."""
+        entry = self._item(name)["sdlora"]["entry"]
+        _, problem = sidecar.read_or_empty(entry.path)
+        try:
+            sidecar.write(entry.path, {"description": desc, "sd version": sd_version, "activation text": activation_text,
+                                       "preferred weight": float(preferred_weight or 0), "negative text": negative_text,
+                                       "notes": notes})
+        except OSError as e:
+            return f"<p class='sdlora-problem'>Not saved: {html.escape(str(e))}</p>"
+        self.page.lister.update_file_entry(sidecar.sidecar_path(entry.path))
+        if problem:
+            kept = os.path.basename(sidecar.sidecar_path(entry.path)) + ".bad"
+            return f"<p class='sdlora-problem'>Saved. The old file was unreadable and is kept as {html.escape(kept)}: {html.escape(problem)}</p>"
+        return ""
+
+    def save_preview(self, index, gallery, name):
+        """The WebUI's "Replace preview", written atomically as name.png (first in the preview order)."""
+        if not gallery:
+            return self.get_card_html(name), "There is no image in the gallery to save as a preview."
+        item = self._item(name)
+        index = min(max(int(index), 0), len(gallery) - 1)
+        image = infotext_utils.image_from_url_text(gallery[index])
+        geninfo, _ = images.read_info_from_image(image)
+        buffer = io.BytesIO()
+        images.save_image_with_geninfo(image, geninfo, buffer, extension=".png")
+        sidecar.atomic_write_bytes(item["local_preview"], buffer.getvalue())
+        self.page.lister.update_file_entry(item["local_preview"])
+        item["preview"] = self.page.find_preview(os.path.splitext(item["filename"])[0])
+        return self.get_card_html(name), ""
+
+
+# ---- try weights -------------------------------------------------------------------------------------
+class TryWeights(BaseModel):
+    name: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    cfg_scale: float = 7.0
+    sampler_name: str = ""
+    scheduler: str = ""
+
+
+def try_weights(req: TryWeights) -> dict:
+    """txt2img once per weight in cards.TRY_WEIGHTS (same seed), through the WebUI's processing and
+    scripts, as one labelled grid (PNG, base64)."""
+    st = glue.state()
+    prefer_alias = st.settings().prefer_alias
+    entry, warning = st.catalog.resolve(req.name, prefer_alias)
+    if entry is None:
+        raise HTTPException(status_code=404, detail=warning or f"Lora not found: {req.name}")
+    user, _ = sidecar.read_or_empty(entry.path)
+    name = cards.prompt_name(st.catalog, entry, prefer_alias)
+    prompts = cards.weight_prompts(req.prompt, name, str(user.get("activation text") or "").strip(),
+                                   lambda n: st.catalog.resolve(n, prefer_alias)[0] is entry)
+    seed = int(processing.get_fixed_seed(req.seed))
+    sampler, scheduler = sd_samplers.get_sampler_and_scheduler(req.sampler_name or None, req.scheduler or None)
+    with call_queue.queue_lock:
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompts, negative_prompt=req.negative_prompt, seed=[seed] * len(prompts),
+            steps=req.steps, width=req.width, height=req.height, cfg_scale=req.cfg_scale, sampler_name=sampler,
+            scheduler=scheduler, n_iter=len(prompts), batch_size=1, do_not_save_samples=True, do_not_save_grid=True)
+        runner = scripts.scripts_txt2img
+        p.scripts = runner
+        # What the txt2img UI sends with every script control at its default (as the WebUI's API does).
+        p.script_args = tuple([0] + [getattr(c, "value", None) for c in runner.inputs[1:]])
+        try:
+            shared.state.begin(job="sdlora_try_weights")
+            processed = processing.process_images(p)
+        finally:
+            shared.state.end()
+            p.close()
+    shots = processed.images[:len(prompts)]
+    if len(shots) != len(prompts):
+        raise HTTPException(status_code=500, detail=f"got {len(shots)} images for {len(prompts)} weights (interrupted?)")
+    grid = images.image_grid(shots, rows=1)
+    grid = images.draw_grid_annotations(grid, shots[0].width, shots[0].height,
+                                        [[images.GridAnnotation(f"{w:g}")] for w in cards.TRY_WEIGHTS],
+                                        [[images.GridAnnotation("")]])
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    return {"image": base64.b64encode(buffer.getvalue()).decode(), "weights": list(cards.TRY_WEIGHTS),
+            "seed": seed, "prompts": prompts}
+
+
+def add_routes(_demo, app) -> None:
+    app.add_api_route("/lora/v1/try-weights", try_weights, methods=["POST"])
+
+
+# ---- registration --------------------------------------------------------------------------------------
+def register_page() -> None:
+    """Ours is the only "Lora" page: the built-in's (registered before ours when it is enabled) is dropped."""
+    ui_extra_networks.extra_pages[:] = [p for p in ui_extra_networks.extra_pages if p.name != "lora"]
+    ui_extra_networks.register_page(LoraPage())
+
+
+def on_ui_settings() -> None:
+    info = shared.OptionInfo(True, "Lora page: hide networks made for another base model than the loaded checkpoint")
+    info.section = glue.SECTION
+    shared.opts.add_option("sdlora_hide_incompatible", info)
+
+
+def install_callbacks() -> None:
+    script_callbacks.on_before_ui(register_page)
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(add_routes)
