@@ -198,7 +198,7 @@ class Patcher:
                     if self._merged.get(name, ()) == want:
                         continue
                     if want:
-                        self._write(name, merge[name])
+                        self._write(name, merge[name], fresh=name not in self._merged)
                         self._merged[name] = want
                     else:
                         self._restore_module(name)
@@ -219,7 +219,8 @@ class Patcher:
             raise
         return res
 
-    def _write(self, name: str, contribs: list[Contribution]) -> None:
+    def _write(self, name: str, contribs: list[Contribution], fresh: bool = False) -> None:
+        """Weight = backup + Σ deltas; ``fresh`` says the weight still equals its backup (no copy needed)."""
         module = self._modules[name]
         backup = self._backups.get(name)
         if backup is None:
@@ -230,7 +231,7 @@ class Patcher:
         weight = getattr(module, wname).detach()
         orig = backup[wname].to(device=weight.device, dtype=torch.float32)
         buf = weight if weight.dtype == torch.float32 and weight.is_contiguous() else orig.clone()
-        if buf is weight:
+        if buf is weight and not fresh:
             buf.copy_(backup[wname])
         bias_buf = None
         for c in contribs:
