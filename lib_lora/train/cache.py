@@ -40,7 +40,8 @@ def load_image(item: ImageItem, flip: bool) -> torch.Tensor:
 
 
 class LatentCache:
-    """``get(item, flip)`` → latent [4, h, w] (fp32, CPU); encodes through the caller's ``vae_encode``."""
+    """``get(items, flips)`` → latents [B, 4, h, w] (fp32, CPU), encoded through the caller's ``vae_encode``
+    only when neither memory nor disk holds them."""
 
     def __init__(self, vae_encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, memory: bool,
                  disk_dir: str | None = None):

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ class TrainConfig:
     validation_split: float = _opt(0.0, "fraction of each training folder held out for validation loss")
     validation_seed: int | None = _opt(None, "seed of the split and of the validation noise (default: seed)")
     validate_every_n_steps: int | None = _opt(None, "validation loss every n steps")
-    validate_every_n_epochs: int | None = _opt(1, "validation loss every n epochs")
+    validate_every_n_epochs: int | None = _opt(1, "validation loss every n epochs (unless validate_every_n_steps is set)")
     # --- latent cache -------------------------------------------------------------------------
     cache_latents: bool = _opt(True, "encode each image once and keep the latents in memory")
     cache_latents_to_disk: bool = _opt(False, "also keep them on disk, reused by later runs")
@@ -184,8 +185,8 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         unknown = [k for k in values if k not in known]
         if unknown:
-            hint = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                             for k in unknown)
+            close = {k: difflib.get_close_matches(k, known, 1) for k in unknown}
+            hint = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in close.items())
             raise LoraError(source, f"unknown option {hint}", "see python -m lib_lora.train --help")
         return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
 
@@ -231,12 +232,18 @@ def _kohya_compat(values: dict, source: str | None) -> dict:
     return values
 
 
+def _base_type(hint):
+    """``X`` of ``X | None``; any other type as it is."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def _coerce(name: str, value, hint, source: str | None):
     """A TOML/CLI value as the option's type (TOML gives ints for floats, network_args gives strings)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    target = args[0]
+    target = _base_type(hint)
     if value is None:
-        if type(None) in typing.get_args(hint):
+        if target is not hint:
             return None
         _bad(name, "must be set", source)
     try:
@@ -274,10 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not dataclasses.MISSING else "")
-        kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        if kind[0] is bool:
+        kind = _base_type(hints[f.name])
+        if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(kind[0]) is list:
+        elif typing.get_origin(kind) is list:
             parser.add_argument(*flags, dest=f.name, nargs="*", help=help_text)
         else:
             parser.add_argument(*flags, dest=f.name, choices=f.metadata["choices"], help=help_text)

@@ -82,11 +82,12 @@ class Buckets:
         """(bucket, resized size, aspect-ratio error) of one image."""
         ar = width / height
         if not self.no_upscale:
-            i = min(range(len(self.ratios)), key=lambda j: abs(self.ratios[j] - ar))
-            reso = self.resos[i]
+            reso = (width, height)
+            if reso not in self.resos:  # an image of exactly a bucket's size keeps it
+                reso = self.resos[min(range(len(self.ratios)), key=lambda j: abs(self.ratios[j] - ar))]
             scale = reso[1] / height if ar > reso[0] / reso[1] else reso[0] / width
             resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-            return reso, resized, self.ratios[i] - ar
+            return reso, resized, reso[0] / reso[1] - ar
         if width * height > self.max_area:
             rw = math.sqrt(self.max_area * ar)
             rh = self.max_area / rw
@@ -182,8 +183,9 @@ def _read_caption(path: str, warnings: list[str]) -> str | None:
 class Dataset:
     """Training items (with repeats), held-out validation items and regularisation items, bucketed."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, seed: int = 0):
         self.cfg = cfg
+        self.seed = seed
         self.warnings: list[str] = []
         self.subsets = scan(cfg.train_data_dir, cfg.caption_extension, False, self.warnings)
         self.reg_subsets = scan(cfg.reg_data_dir, cfg.caption_extension, True, self.warnings) if cfg.reg_data_dir else []
@@ -211,7 +213,7 @@ class Dataset:
         """Take ``validation_split`` of each training folder out of training (at least one image, never all)."""
         if not self.cfg.validation_split:
             return []
-        seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else (self.cfg.seed or 0)
+        seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
         rng = random.Random(f"validation:{seed}")
         held = []
         for s in self.subsets:
