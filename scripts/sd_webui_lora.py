@@ -8,9 +8,10 @@ if ROOT not in sys.path:
 
 from modules import scripts  # noqa: E402
 
-from lib_lora.webui import glue  # noqa: E402
+from lib_lora.webui import glue, page  # noqa: E402
 
 glue.install_callbacks()
+page.install_callbacks()
 
 
 class Script(scripts.Script):

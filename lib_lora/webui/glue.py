@@ -268,5 +268,3 @@ def install_callbacks() -> None:
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_ui_settings(on_ui_settings)
-    from . import page  # here, not at the top: page.py imports this module
-    page.install_callbacks()
