@@ -49,6 +49,7 @@ def js_string(text: str) -> str:
 class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def __init__(self):
         super().__init__("Lora")
+        self.uis: list = []  # each tab's ExtraNetworksUi, see forget_rendered()
 
     def refresh(self):
         glue.state().catalog.refresh()
@@ -124,7 +125,14 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         return template.format(**args) if template else args
 
     def create_user_metadata_editor(self, ui, tabname):
+        self.uis.append(ui)
         return LoraEditor(ui, tabname, self)
+
+    def forget_rendered(self) -> None:
+        """The WebUI renders the pages once and serves that HTML to every later page load; after an edit
+        it is stale, so the next load renders again."""
+        for ui in self.uis:
+            ui.pages_contents = []
 
 
 def badges_html(item: dict) -> str:
@@ -143,8 +151,8 @@ def badges_html(item: dict) -> str:
             badges.append(("rank", f"rank {struct.rank}", ""))
     if info["family"]:
         badges.append(("base", cards.VERSION_OF[info["family"]], f"base model: {FAMILY_NAMES[info['family']]}"))
-    problems = ([struct.error] if struct.error else []) + info["problems"] + [info["sidecar_problem"] or ""]
-    problems = [p for p in problems if p]
+    header_error = [struct.error] if struct.error and not info["entry"].metadata_error else []
+    problems = [p for p in (*header_error, *info["problems"], info["sidecar_problem"]) if p]
     if problems:
         badges.append(("error", "!", "\n".join(problems)))
     spans = "".join(f"<span class='sdlora-badge sdlora-{cls}' title='{html.escape(title, quote=True)}'>{html.escape(text)}</span>"
@@ -204,6 +212,7 @@ class LoraEditor(UserMetadataEditor):
         item = self.page.items.get(name) or self.page.create_item(name, enable_filter=False)
         if item is None:
             raise gr.Error(f"{name} is no longer in the Lora folder; refresh the page")
+        self.page.items[name] = item
         return item
 
     def put_values_into_components(self, name):
@@ -230,7 +239,7 @@ class LoraEditor(UserMetadataEditor):
     def file_table(self, item: dict) -> str:
         """File, hashes, the engine's inspect summary and kohya's training metadata; then the tag table."""
         entry, civitai = item["sdlora"]["entry"], item["sdlora"]["civitai"]
-        rows = [("File", entry.relpath), ("Size", sysinfo.pretty_bytes(entry.size)),
+        rows = [("File", os.path.relpath(entry.path, entry.root)), ("Size", sysinfo.pretty_bytes(entry.size)),
                 ("Modified", datetime.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M"))]
         try:
             summary = lora_inspect.inspect_file(entry.path, glue.state().catalog.limits)
@@ -270,6 +279,7 @@ class LoraEditor(UserMetadataEditor):
         except OSError as e:
             return f"<p class='sdlora-problem'>Not saved: {html.escape(str(e))}</p>"
         self.page.lister.update_file_entry(sidecar.sidecar_path(entry.path))
+        self.page.forget_rendered()
         if problem:
             kept = os.path.basename(sidecar.sidecar_path(entry.path)) + ".bad"
             return f"<p class='sdlora-problem'>Saved. The old file was unreadable and is kept as {html.escape(kept)}: {html.escape(problem)}</p>"
@@ -287,6 +297,7 @@ class LoraEditor(UserMetadataEditor):
         images.save_image_with_geninfo(image, geninfo, buffer, extension=".png")
         sidecar.atomic_write_bytes(item["local_preview"], buffer.getvalue())
         self.page.lister.update_file_entry(item["local_preview"])
+        self.page.forget_rendered()
         item["preview"] = self.page.find_preview(os.path.splitext(item["filename"])[0])
         return self.get_card_html(name), ""
 
@@ -325,6 +336,7 @@ def try_weights(req: TryWeights) -> dict:
             steps=req.steps, width=req.width, height=req.height, cfg_scale=req.cfg_scale, sampler_name=sampler,
             scheduler=scheduler, n_iter=len(prompts), batch_size=1, do_not_save_samples=True, do_not_save_grid=True)
         runner = scripts.scripts_txt2img
+        p.is_api = True  # else the UI-only seed/sampler scripts put their defaults over ours
         p.scripts = runner
         # What the txt2img UI sends with every script control at its default (as the WebUI's API does).
         p.script_args = tuple([0] + [getattr(c, "value", None) for c in runner.inputs[1:]])
@@ -353,9 +365,17 @@ def add_routes(_demo, app) -> None:
 
 # ---- registration --------------------------------------------------------------------------------------
 def register_page() -> None:
-    """Ours is the only "Lora" page: the built-in's (registered before ours when it is enabled) is dropped."""
     ui_extra_networks.extra_pages[:] = [p for p in ui_extra_networks.extra_pages if p.name != "lora"]
     ui_extra_networks.register_page(LoraPage())
+
+
+def drop_builtin_page(*_args, **_kwargs) -> None:
+    """Ours is the only "Lora" page. The WebUI runs before_ui callbacks last-registered first, so the
+    built-in's page arrives after ours; the first UI component (created before any extra-networks tab)
+    takes it out."""
+    pages = ui_extra_networks.extra_pages
+    if any(p.name == "lora" and not isinstance(p, LoraPage) for p in pages):
+        pages[:] = [p for p in pages if p.name != "lora" or isinstance(p, LoraPage)]
 
 
 def on_ui_settings() -> None:
@@ -366,5 +386,6 @@ def on_ui_settings() -> None:
 
 def install_callbacks() -> None:
     script_callbacks.on_before_ui(register_page)
+    script_callbacks.on_before_component(drop_builtin_page)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(add_routes)
