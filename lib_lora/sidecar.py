@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 from .errors import LoraError
@@ -48,7 +49,7 @@ def write(network_path: str, values: dict) -> dict:
     try:
         data = read(network_path)
     except LoraError:
-        os.replace(path, path + ".bad")
+        shutil.copyfile(path, path + ".bad")
         data = {}
     data.update(values)
     atomic_write_text(path, json.dumps(data, indent=4, ensure_ascii=False))
