@@ -200,6 +200,8 @@ class Patcher:
                     if want:
                         self._write(name, merge[name], fresh=name not in self._merged)
                         self._merged[name] = want
+                        for c in merge[name]:
+                            c.adapter.drop_cache()
                     else:
                         self._restore_module(name)
                         del self._merged[name]
@@ -276,7 +278,7 @@ class Patcher:
             weight = patcher._original(name, "weight", mod)
             for c in contribs:
                 if c.use.active_at(patcher.step, patcher.total_steps):
-                    out = out + c.adapter.bypass(x, mod, weight, c.multiplier, c.dyn)
+                    out = c.adapter.bypass_add(out, x, mod, weight, c.multiplier, c.dyn)
             return out
 
         self._hooks[name] = ("hook", module.register_forward_hook(hook))

@@ -90,6 +90,12 @@ class Adapter:
         buf.add_(d)
         return b
 
+    def bypass_add(self, out: Tensor, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float,
+                   dyn: int | None) -> Tensor:
+        """``out`` plus this adapter's extra output; in place when autograd does not need ``out``."""
+        extra = self.bypass(x, module, weight, multiplier, dyn)
+        return out.add_(extra) if not (torch.is_grad_enabled() and out.requires_grad) else out + extra
+
     def bypass(self, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         """The extra output of ``module`` for input ``x``; generic path through the delta weight."""
         orig = weight.detach().to(torch.float32)

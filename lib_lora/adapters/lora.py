@@ -41,6 +41,18 @@ class LoRA(Adapter):
         buf.view(buf.shape[0], -1).addmm_(up, down.reshape(down.shape[0], -1), alpha=multiplier * self.scale())
         return None
 
+    def bypass_add(self, out: Tensor, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float,
+                   dyn: int | None) -> Tensor:
+        """Linear layers: one fused ``addmm_`` of the rank-r intermediate into the output."""
+        inplace = not (torch.is_grad_enabled() and out.requires_grad)
+        if (self.magnitude is not None or isinstance(module, torch.nn.Conv2d) or not inplace
+                or x.device.type == "cpu" and x.dtype != torch.float32 or not out.is_contiguous()):
+            return super().bypass_add(out, x, module, weight, multiplier, dyn)
+        up, down, _ = self._factors(x.device, dyn, x.dtype)
+        h = F.linear(x, down.reshape(down.shape[0], -1))
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=multiplier * self.scale())
+        return out
+
     def bypass(self, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         if self.magnitude is not None:
             return super().bypass(x, module, weight, multiplier, dyn)
@@ -60,5 +72,6 @@ class LoRA(Adapter):
                 h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
             out = F.conv2d(h, up.reshape(up.shape[0], -1, 1, 1))
         else:
-            out = F.linear(F.linear(x, down.reshape(down.shape[0], -1)), up)
+            out = F.linear(F.linear(x, down.reshape(down.shape[0], -1)) * s, up)
+            return out.to(dtype)
         return (out * s).to(dtype)
