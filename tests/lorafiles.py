@@ -1,6 +1,8 @@
 """Network files built in the tests, in the key styles real tools write (no downloads)."""
 from __future__ import annotations
 
+import re
+
 import torch
 from safetensors.torch import save_file
 
@@ -75,7 +77,6 @@ def save(path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
 
 def diffusers_unet_name(path: str) -> str:
     """compvis → diffusers names for the SD1/SD2 attention blocks (how kohya writes SD1 UNet keys)."""
-    import re
     m = re.match(r"input_blocks_(\d+)_1_(.+)", path)
     if m:
         n = int(m[1]) - 1
@@ -92,13 +93,14 @@ def diffusers_unet_name(path: str) -> str:
 
 def attention_lora(model: torch.nn.Module, rank: int = 4, alpha: float = 4.0, seed: int = 0, scale: float = 0.15,
                    diffusers_names: bool = True, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """A kohya LoRA on attention/proj layers and the text encoder (the common kind), for any model size.
+    """A kohya LoRA on the transformer blocks' Linear/1x1 layers and the text encoder (the common kind: 264
+    modules on SD1.5), for any model size.
 
     Works on meta-device models: only names and shapes are read."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for part, path, module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
-        if part == "unet" and "_1_" not in path.replace("middle_block_1_", "_1_"):
+        if part == "unet" and not re.match(r"(input_blocks_\d+_1_|middle_block_1_|output_blocks_\d+_1_)", path):
             continue
         if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1):
             continue
@@ -121,7 +123,6 @@ def as_peft(kohya_sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[s
     """The same LoRA as ``attention_lora(..., diffusers_names=False)`` in diffusers/PEFT key layout
     (``unet.down_blocks.0.attentions.0….to_q.lora_A.weight``, ``text_encoder.text_model….lora_B.weight``);
     alpha is folded into B since PEFT files carry no per-module alpha."""
-    import re
     dotted = {}
     for part, path, module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
         dotted[kohya_key(part, path, open_clip, False)] = (part, path)
