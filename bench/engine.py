@@ -117,11 +117,7 @@ def make_files(tmp: Path, rank: int) -> tuple[Path, Path, Path]:
     from models import full_model
 
     meta = full_model("sd1", device="meta")
-    # attention_lora's UNet filter (``"_1_" in path``) also catches input_blocks_1_0 / output_blocks_1_0
-    # (ResBlock emb_layers_1, skip_connection): 3 extra modules, left in compvis naming.  The common
-    # file is attention blocks + text encoder only, so keep exactly those.
-    attn = lambda m: m.startswith("lora_te_") or "_attentions_" in m  # noqa: E731
-    a = only_modules(attention_lora(meta, rank=rank, alpha=rank / 2, seed=11), attn)
+    a = attention_lora(meta, rank=rank, alpha=rank / 2, seed=11)
     # B: text encoder only (72 modules); C: UNet cross-attention (attn2) only (64 modules).
     b = only_modules(attention_lora(meta, rank=rank // 2, alpha=rank / 4, seed=12), lambda m: m.startswith("lora_te_"))
     c = only_modules(attention_lora(meta, rank=rank // 2, alpha=rank / 4, seed=13),
