@@ -18,6 +18,10 @@ from .network import Network, load
 from .prompt import PromptError, check_name
 from .safetensors_io import SUFFIXES, Limits, read_metadata
 
+# Training states (lib_lora.train's and kohya's --save_state, also while being written) hold network and
+# optimizer files that are not networks to use.
+STATE_FOLDER_SUFFIXES = ("-state", "-state.tmp", "-state.old")
+
 
 @dataclass
 class Entry:
@@ -61,7 +65,7 @@ class Catalog:
                 continue
             real_root = os.path.realpath(root)
             for folder, dirs, files in os.walk(root, followlinks=False):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if not d.endswith(STATE_FOLDER_SUFFIXES))
                 for fn in sorted(files):
                     if os.path.splitext(fn)[1].lower() not in SUFFIXES:
                         continue

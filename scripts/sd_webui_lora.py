@@ -8,10 +8,11 @@ if ROOT not in sys.path:
 
 from modules import scripts  # noqa: E402
 
-from lib_lora.webui import glue, page  # noqa: E402
+from lib_lora.webui import glue, page, train_tab  # noqa: E402
 
 glue.install_callbacks()
 page.install_callbacks()
+train_tab.install_callbacks()
 
 
 class Script(scripts.Script):
@@ -22,6 +23,7 @@ class Script(scripts.Script):
         return scripts.AlwaysVisible
 
     def process(self, p, *args):
+        train_tab.refuse_while_training(p)
         glue.job_started(p)
 
     def before_process_batch(self, p, *args, **kwargs):

@@ -6,14 +6,13 @@ Ctrl-C once stops at the next step and saves a resumable state; twice aborts.
 """
 from __future__ import annotations
 
-import datetime
 import importlib
 import signal
 import sys
 
 from ..errors import LoraError
 from .config import dumps, from_args
-from .loop import Progress, Trainer
+from .loop import Trainer, progress_line
 from .model import ModelBundle
 
 
@@ -25,14 +24,6 @@ def load_factory(spec: str):
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise LoraError(None, f"model_factory {spec!r} cannot be loaded ({e})", "check PYTHONPATH and the name") from None
-
-
-def progress_line(p: Progress) -> str:
-    if p.phase != "training":
-        return f"[{p.phase}] {p.message}"
-    eta = str(datetime.timedelta(seconds=int(p.eta_s or 0)))
-    return (f"steps {p.step}/{p.total_steps} epoch {p.epoch}/{p.total_epochs} loss {p.loss:.4f} "
-            f"avg {p.avg_loss:.4f} lr {p.lr:.2e} {p.it_per_s:.2f} it/s ETA {eta}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ process-wide torch RNG is forked, so the WebUI's own random state is left as it 
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import math
@@ -57,6 +59,30 @@ class Progress:
     it_per_s: float | None = None
     eta_s: float | None = None
     message: str = ""
+
+
+def progress_line(p: Progress) -> str:
+    """One line for a progress bar: step, epoch, loss, learning rate, speed and ETA while training."""
+    if p.phase != "training":
+        return f"[{p.phase}] {p.message}"
+    eta = str(datetime.timedelta(seconds=int(p.eta_s or 0)))
+    return (f"steps {p.step}/{p.total_steps} epoch {p.epoch}/{p.total_epochs} loss {p.loss:.4f} "
+            f"avg {p.avg_loss:.4f} lr {p.lr:.2e} {p.it_per_s:.2f} it/s ETA {eta}")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the model's compute. None on CPU except bf16: torch 2.1 (the WebUI's) refuses
+    any other CPU autocast dtype, even disabled."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None or (device.type == "cpu" and dtype is not torch.bfloat16):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    """fp16 loss scaling on CUDA: ``torch.amp.GradScaler`` from torch 2.3, ``torch.cuda.amp``'s before (the
+    WebUI's torch 2.1)."""
+    return torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
 
 
 @dataclass
@@ -171,7 +197,7 @@ class Trainer:
         groups = self.network.param_groups(cfg.text_encoder_lr or cfg.learning_rate, cfg.unet_lr or cfg.learning_rate)
         self.optimizer, optimizer_name = build_optimizer(cfg, groups)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" and self.device.type == "cuda" else None
+        self.scaler = grad_scaler() if cfg.mixed_precision == "fp16" and self.device.type == "cuda" else None
         self.noise = NoiseSchedule()
         self.gen = torch.Generator().manual_seed(self.seed)
         self.step = 0
@@ -307,9 +333,7 @@ class Trainer:
         tokens = self.bundle.tokenize(captions)
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.to(self.device)
-        autocast = torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(cfg.mixed_precision, torch.float32),
-                                  enabled=cfg.mixed_precision in AUTOCAST_DTYPES)
-        with autocast:
+        with autocast(self.device, cfg.mixed_precision):
             with torch.set_grad_enabled(train and self.train_te):
                 context = self.bundle.encode_text(tokens)
             noisy = self.noise.add_noise(latents, noise, timesteps)

@@ -1,0 +1,115 @@
+"""The WebUI's loaded checkpoint as the trainer's ModelBundle: its own modules, no second copy.
+
+Everything here runs inside ``hold_model()``, i.e. with the WebUI's queue lock, so no generation, checkpoint
+switch or VAE change can touch the model while a run uses it. The text encoder is the WebUI's wrapper
+(``sd_hijack_clip``): its ``tokenize`` gives raw token ids, ``encode_with_transformers`` runs the CLIP modules
+(with gradients, and the *CLIP skip* setting), so text-encoder layers train too. Prompt emphasis and
+textual-inversion embeddings are not applied to captions, as in kohya's trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from modules import call_queue, devices, lowvram, processing, sd_vae, shared
+
+from ..errors import LoraError
+from ..train import ModelBundle, TrainConfig
+from . import glue
+
+
+@dataclass
+class SampleOptions:
+    width: int
+    height: int
+    steps: int
+    seed: int
+    cfg_scale: float = 7.0
+    sampler_name: str = "Euler a"
+
+
+@contextlib.contextmanager
+def hold_model() -> Iterator[None]:
+    """The WebUI's queue lock and job state for a whole run; afterwards the prompt-conditioning cache is
+    emptied (it may hold conds made with the network attached) and the new files are listed."""
+    with call_queue.queue_lock:
+        shared.state.begin(job="sdlora_train")
+        try:
+            yield
+        finally:
+            forget_conds()
+            shared.state.end()
+            devices.torch_gc()
+            glue.state().catalog.refresh()
+
+
+def forget_conds() -> None:
+    """The WebUI keeps the last prompt conditioning across jobs (*persistent cond cache*)."""
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
+    """The loaded model as a ModelBundle; also sets the config's base-model fields from it. Networks left
+    merged by the last job are taken out first, so training starts from the checkpoint's own weights."""
+    model = shared.sd_model
+    if model is None:
+        raise LoraError(None, "no checkpoint is loaded", "load an SD1.x or SD2.x checkpoint")
+    if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
+        raise LoraError(None, "training works on SD1.x and SD2.x checkpoints; the loaded one is neither",
+                        "load an SD1.x or SD2.x checkpoint")
+    if lowvram.is_enabled(model):
+        raise LoraError(None, "the WebUI runs with --medvram or --lowvram, which moves model parts between devices",
+                        "restart the WebUI without them to train")
+    glue.state().activator.patcher_for(model).apply([])
+    info = model.sd_checkpoint_info
+    sha256 = info.sha256 or (info.calculate_shorthash() and info.sha256)
+    cfg.pretrained_model_name_or_path = info.filename
+    cfg.v_parameterization = getattr(model, "parameterization", "eps") == "v"
+    cond = model.cond_stage_model
+    vae = next(model.first_stage_model.parameters())
+
+    def vae_encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = model.encode_first_stage(pixels.to(vae.device, vae.dtype))
+            return model.get_first_stage_encoding(posterior).float()
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        """kohya's: start, the first 75 tokens, end, padding to 77."""
+        n = cond.chunk_length
+        rows = [[cond.id_start] + ids[:n] + [cond.id_end] + [cond.id_pad] * (n - len(ids[:n]))
+                for ids in cond.tokenize(captions)]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+        cond.hijack.fixes = None  # no textual-inversion vectors for these tokens
+        return cond.encode_with_transformers(tokens)
+
+    return ModelBundle(
+        model, vae_encode, tokenize, encode_text,
+        vae_id=f"{sha256 or info.hash}:{sd_vae.get_loaded_vae_hash() or 'checkpoint VAE'}",
+        sample_fn=sampler(samples, info.title) if samples else None,
+        base_model_info={"ss_sd_model_name": os.path.basename(info.filename), "ss_sd_model_hash": info.hash,
+                         "ss_new_sd_model_hash": sha256 or ""})
+
+
+def sampler(options: SampleOptions, checkpoint: str) -> Callable[[list[str], int], list]:
+    """Sample images through the WebUI's txt2img (no scripts), pinned to the checkpoint being trained so a
+    checkpoint switch chosen meanwhile waits for the run; one seed per prompt, the same at every step."""
+    def sample(prompts: list[str], step: int) -> list:
+        forget_conds()
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompts, seed=options.seed, steps=options.steps, width=options.width,
+            height=options.height, cfg_scale=options.cfg_scale, sampler_name=options.sampler_name, n_iter=len(prompts),
+            batch_size=1, do_not_save_samples=True, do_not_save_grid=True,
+            override_settings={"sd_model_checkpoint": checkpoint})
+        try:
+            return processing.process_images(p).images[:len(prompts)]
+        finally:
+            p.close()
+            forget_conds()
+    return sample

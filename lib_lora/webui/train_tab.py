@@ -1,0 +1,233 @@
+"""The "Train LoRA" tab: the trainer's options as a form, Start / Cancel / Resume, and live progress.
+
+Thin glue: fields, defaults, help texts and choices come from ``TrainConfig`` (through ``lib_lora.train.form``),
+the run is a ``lib_lora.train.session.Session`` on the WebUI's loaded model (``train_model``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator
+
+import gradio as gr
+
+from modules import script_callbacks
+
+from ..errors import LoraError
+from ..train import form
+from ..train.plot import render
+from ..train.session import Session
+from . import glue, train_model
+
+RUN: Session | None = None  # the current or last run; it holds the model while RUN.holds_model
+_STARTING = threading.Lock()
+REFUSAL = ("A LoRA training run is using the model, so this generation was refused: cancel the run in the "
+           "Train LoRA tab or wait for it to finish.")
+PLOT_EVERY_S = 10.0  # a new loss curve at most this often while running (each is a file in gradio's cache)
+
+GROUPS = {  # accordion → rows of {option: label}
+    "Dataset": [
+        {"train_data_dir": "Image folder", "reg_data_dir": "Regularisation folder"},
+        {"caption_extension": "Caption extension", "resolution": "Resolution",
+         "prior_loss_weight": "Regularisation loss weight"},
+        {"enable_bucket": "Aspect-ratio buckets", "bucket_no_upscale": "Never upscale", "flip_aug": "Random flips",
+         "shuffle_caption": "Shuffle tags"},
+        {"min_bucket_reso": "Smallest bucket side", "max_bucket_reso": "Largest bucket side",
+         "keep_tokens": "Keep first tags"},
+        {"caption_dropout_rate": "Caption dropout", "caption_tag_dropout_rate": "Tag dropout",
+         "validation_split": "Validation split"},
+        {"cache_latents": "Cache latents", "cache_latents_to_disk": "Cache latents on disk",
+         "vae_batch_size": "VAE batch size"}],
+    "Network": [
+        {"kind": "Kind", "network_dim": "Rank", "network_alpha": "Alpha", "network_dropout": "Dropout"},
+        {"conv_dim": "Conv rank", "conv_alpha": "Conv alpha", "train_unet": "Train the UNet",
+         "train_text_encoder": "Train the text encoder"},
+        {"learning_rate": "Learning rate", "unet_lr": "UNet learning rate",
+         "text_encoder_lr": "Text encoder learning rate"},
+        {"network_weights": "Start from network file"}],
+    "Optimisation": [
+        {"optimizer_type": "Optimizer", "lr_scheduler": "Scheduler", "lr_warmup_steps": "Warm-up steps",
+         "optimizer_args": "Optimizer arguments"},
+        {"max_train_steps": "Steps", "max_train_epochs": "Epochs", "train_batch_size": "Batch size",
+         "gradient_accumulation_steps": "Gradient accumulation"},
+        {"min_snr_gamma": "Min-SNR gamma", "noise_offset": "Noise offset", "seed": "Seed",
+         "max_grad_norm": "Max gradient norm"},
+        {"mixed_precision": "Mixed precision", "gradient_checkpointing": "Gradient checkpointing"}],
+    "Output": [
+        {"output_dir": "Output folder", "output_name": "Name"},
+        {"save_every_n_epochs": "Save every N epochs", "save_every_n_steps": "Save every N steps",
+         "save_precision": "Save precision", "save_state": "Save resumable states"},
+        {"training_comment": "Comment"}],
+    "Samples": [{"sample_every_n_steps": "Sample every N steps", "sample_every_n_epochs": "Sample every N epochs"}],
+}
+
+
+def refuse_while_training(p) -> None:
+    """For ``Script.process``: a generation reaching the model while a run holds it makes no image and says
+    why. (UI and API generations wait in the WebUI's queue behind a run; this stops callers that skip it.)"""
+    if RUN is not None and RUN.holds_model:
+        p.n_iter = 0
+        p.comment(REFUSAL)
+        p.extra_generation_params["Lora errors"] = REFUSAL
+
+
+def field(name: str, label: str, value=None) -> gr.components.Component:
+    """A form field for a TrainConfig option (or a form-only value), from its type, default, help and choices."""
+    value = form.form_default(name) if value is None else value
+    kw = {"label": label, "info": form.help_text(name), "elem_id": f"sdlora_train_{name}"}
+    choices = form.choices(name)
+    if choices:
+        return gr.Dropdown(choices, value=value, **kw)
+    if isinstance(value, bool):
+        return gr.Checkbox(value, **kw)
+    kind = form.value_type(name)
+    if kind in (int, float):
+        return gr.Number(value, precision=0 if kind is int else None, **kw)
+    return gr.Textbox(value, **kw)
+
+
+def start(resume_from: str, prompts: str, sample_steps: float, sample_seed: float, *values) -> str:
+    """Start (or, with a state folder, resume) a run on the loaded model; the form's errors are shown at once."""
+    global RUN
+    with _STARTING:
+        if RUN is not None and RUN.alive:
+            raise gr.Error("A run is already going: cancel it or wait for it to finish")
+        RUN = new_session(resume_from, prompts, sample_steps, sample_seed, values)
+        RUN.start()
+    return RUN.status()
+
+
+def new_session(resume_from: str, prompts: str, sample_steps: float, sample_seed: float, values: tuple) -> Session:
+    """A run of the form's options on the loaded model; the form's mistakes are raised as gr.Error."""
+    named = dict(zip(FIELD_NAMES, values), resume=resume_from)
+    try:
+        cfg = form.from_form(named)
+        samples = None
+        if prompts.strip():
+            cfg.sample_prompts = write_prompts(cfg.output_dir, cfg.output_name, prompts)
+            w, h = cfg.resolution_wh()
+            samples = train_model.SampleOptions(w, h, int(sample_steps or 20), int(sample_seed or 0))
+    except LoraError as e:
+        raise gr.Error(e.message) from None
+    except OSError as e:
+        raise gr.Error(f"cannot write the sample prompts: {e}") from None
+    return Session(cfg, lambda: train_model.make_bundle(cfg, samples), train_model.hold_model)
+
+
+def start_new(*values) -> str:
+    """Start without resuming."""
+    return start("", *values)
+
+
+def write_prompts(output_dir: str, name: str, prompts: str) -> str:
+    """The sample prompts as the trainer reads them: a text file, one prompt per line."""
+    path = os.path.join(output_dir, "sample", f"{name}-prompts.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(prompts.strip() + "\n")
+    return path
+
+
+def cancel() -> str:
+    """Ask the run to stop after its current step."""
+    if RUN is None or not RUN.alive:
+        return RUN.status() if RUN else "No run is going."
+    RUN.cancel()
+    return RUN.status()
+
+
+def watch() -> Iterator[tuple]:
+    """Progress text, log (newest first), loss curve, samples and the state folder to resume from, every
+    second while the current run is alive (once when it is not); unchanged images are not sent again."""
+    run = RUN
+    if run is None:
+        yield "", "", gr.update(), gr.update(), gr.update()
+        return
+    shown_steps, shown_samples, plotted_at = -1, -1, 0.0
+    while True:
+        snap = run.snapshot()
+        plot = gallery = resume = gr.update()
+        if len(snap.losses) != shown_steps and (not snap.alive or time.monotonic() - plotted_at >= PLOT_EVERY_S):
+            plot = render(snap.losses, snap.val_losses, f"{run.cfg.output_name}: loss")
+            shown_steps, plotted_at = len(snap.losses), time.monotonic()
+        if snap.sample_count != shown_samples:
+            gallery, shown_samples = snap.samples, snap.sample_count
+        if snap.result is not None and snap.result.cancelled and snap.result.state:
+            resume = snap.result.state
+        yield snap.status, "\n".join(reversed(snap.log)), plot, gallery, resume
+        if not snap.alive:
+            return
+        time.sleep(1)
+
+
+def apply_preset(name: str) -> list:
+    """Updates for every field a preset may set: the chosen preset's values, the others unchanged."""
+    values = form.PRESETS.get(name, {})
+    return [gr.update(value=values[k]) if k in values else gr.update() for k in PRESET_FIELDS]
+
+
+FIELD_NAMES = [name for rows in GROUPS.values() for row in rows for name in row]
+PRESET_FIELDS = sorted({k for values in form.PRESETS.values() for k in values})
+
+
+def on_ui_tabs() -> list:
+    """The tab: presets, the options in accordions, the buttons and the live outputs."""
+    fields = {}
+    with gr.Blocks(analytics_enabled=False) as ui:
+        gr.Markdown(
+            "Trains a network on the **loaded checkpoint** (SD1.x / SD2.x), sharing its weights. While a run "
+            "holds the model, txt2img and img2img jobs wait in the WebUI's queue; afterwards the model is "
+            "exactly as before. Cancel stops after the current step and saves a usable network and a "
+            "resumable state. The text encoder sees captions as kohya's trainer does (no emphasis, no "
+            "embeddings), at the *CLIP skip* setting.")
+        with gr.Row():
+            preset = gr.Dropdown(list(form.PRESETS), label="Preset", info="sets only its own fields: pick a "
+                                 "purpose, then a memory tier", elem_id="sdlora_train_preset")
+        with gr.Row():
+            with gr.Column(scale=3):
+                for title, rows in GROUPS.items():
+                    with gr.Accordion(title, open=title == "Dataset", elem_id=f"sdlora_train_{title.lower()}"):
+                        for row in rows:
+                            with gr.Row():
+                                for name, label in row.items():
+                                    default = glue.lora_dirs()[0] if name == "output_dir" else None
+                                    fields[name] = field(name, label, default)
+                        if title == "Samples":
+                            with gr.Row():
+                                sample_steps = gr.Number(20, label="Sampling steps", precision=0,
+                                                         elem_id="sdlora_train_sample_steps")
+                                sample_seed = gr.Number(1, label="Sample seed", precision=0, info="the same at "
+                                                        "every step, so samples compare",
+                                                        elem_id="sdlora_train_sample_seed")
+                            prompts = gr.Textbox(label="Sample prompts", lines=3, info="one per line; "
+                                                 "rendered with txt2img (Euler a, CFG 7) at the training "
+                                                 "resolution", elem_id="sdlora_train_sample_prompts")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    button_start = gr.Button("Start", variant="primary", elem_id="sdlora_train_start")
+                    button_cancel = gr.Button("Cancel", variant="stop", elem_id="sdlora_train_cancel")
+                    button_resume = gr.Button("Resume", elem_id="sdlora_train_resume")
+                resume_from = gr.Textbox(label="Resume from state folder", elem_id="sdlora_train_resume_from",
+                                         info="a '<name>-...-state' folder; filled in when a run is cancelled")
+                status = gr.Textbox(label="Progress", interactive=False, elem_id="sdlora_train_status")
+                plot = gr.Image(label="Loss", show_label=False, interactive=False, elem_id="sdlora_train_plot")
+                gallery = gr.Gallery(label="Sample images", columns=4, height=260, object_fit="contain",
+                                     elem_id="sdlora_train_samples")
+                log = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, interactive=False,
+                                 elem_id="sdlora_train_log")
+
+        form_inputs = [prompts, sample_steps, sample_seed] + [fields[n] for n in FIELD_NAMES]
+        watched = [status, log, plot, gallery, resume_from]
+        preset.change(apply_preset, inputs=[preset], outputs=[fields[k] for k in PRESET_FIELDS], show_progress=False)
+        button_start.click(start_new, inputs=form_inputs, outputs=[status], show_progress=False)\
+            .success(watch, outputs=watched, show_progress=False)
+        button_resume.click(start, inputs=[resume_from] + form_inputs, outputs=[status], show_progress=False)\
+            .success(watch, outputs=watched, show_progress=False)
+        button_cancel.click(cancel, outputs=[status], show_progress=False)
+        ui.load(watch, outputs=watched, show_progress=False)
+    return [(ui, "Train LoRA", "sdlora_train")]
+
+
+def install_callbacks() -> None:
+    script_callbacks.on_ui_tabs(on_ui_tabs)

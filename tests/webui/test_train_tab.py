@@ -1,0 +1,161 @@
+"""The Train LoRA tab in the real WebUI, driven by headless Chromium: a 4-step run on the loaded random SD1.5
+checkpoint (64 px, rank 4), cancelled after step 2 and resumed to the end; a txt2img job sent meanwhile waits
+for the run and then gives exactly the image it gave before training. Screenshot in artifacts/."""
+from __future__ import annotations
+
+import mimetypes
+import os
+import pathlib
+import re
+import threading
+import time
+import urllib.parse
+
+import pytest
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import lib_lora
+from conftest import ARTIFACTS, _skip_or_fail
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def tab(webui):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip_or_fail("the playwright package is not installed")
+    if not os.path.exists(CHROMIUM):
+        _skip_or_fail(f"no {CHROMIUM}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.route("**/file=**", lambda route: serve_static(route, pathlib.Path(webui.bed, "webui")))
+        page.goto(webui.url)
+        page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
+        page.locator("#tabs > .tab-nav > button", has_text="Train LoRA").click()
+        page.wait_for_selector("#sdlora_train_start", state="visible")
+        yield page
+        browser.close()
+
+
+def serve_static(route, webui: pathlib.Path) -> None:
+    """gradio 3.41 answers 403 for files under a dot folder (the bed is in ~/.cache): serve the WebUI's own."""
+    response = route.fetch()
+    rel = urllib.parse.unquote(urllib.parse.urlsplit(route.request.url).path.split("/file=", 1)[1])
+    path = pathlib.Path(os.path.normpath(webui / rel))
+    if response.status != 403 or webui not in path.parents or not path.is_file():
+        route.fulfill(response=response)
+        return
+    route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("train_tab")
+    folder = root / "img" / "2_cat"
+    folder.mkdir(parents=True)
+    for n in range(2):
+        im = Image.new("RGB", (64, 64), (250, 250, 250))
+        ImageDraw.Draw(im).ellipse([8, 8, 56, 56], fill=(40 + 150 * n, 200, 90))
+        im.save(folder / f"img{n}.png")
+        (folder / f"img{n}.txt").write_text(f"cat, color{n}")
+    return root
+
+
+def field(tab, name: str):
+    return tab.locator(f"#sdlora_train_{name}").locator("input, textarea").first
+
+
+def fill(tab, name: str, value) -> None:
+    box = field(tab, name)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def status(tab) -> str:
+    return field(tab, "status").input_value()
+
+
+def wait_status(tab, pattern: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = status(tab)
+        if re.search(pattern, text):
+            return text
+        assert not text.startswith("Failed"), f"{text}\n{field(tab, 'log').input_value()}"
+        time.sleep(0.3)
+    pytest.fail(f"no status matching {pattern!r}; last: {status(tab)!r}\n{field(tab, 'log').input_value()}")
+
+
+def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_dir):
+    plain, _ = webui.txt2img("a cat", seed=3)
+    for title in ("network", "optimisation", "output", "samples"):
+        tab.locator(f"#sdlora_train_{title}").locator(".label-wrap").first.click()
+    assert field(tab, "output_dir").input_value() == str(lora_dir)  # the first Lora folder
+    assert field(tab, "optimizer_type").input_value() == "AdamW" and field(tab, "kind").input_value() == "LoRA"
+    field(tab, "preset").click()
+    tab.locator("ul.options li", has_text="Style").click()
+    tab.wait_for_function("document.querySelector('#sdlora_train_network_dim input').value == '8'")
+    assert field(tab, "lr_scheduler").input_value() == "cosine"
+
+    fill(tab, "network_dim", 0)  # a form mistake is refused at once, naming the option
+    tab.locator("#sdlora_train_start").click()
+    toast = tab.locator(".toast-body", has_text="option network_dim must be at least 1")
+    toast.wait_for()
+    toast.locator(".toast-close").click()
+
+    out = dataset / "out"
+    for name, value in {"train_data_dir": dataset / "img", "resolution": 64, "min_bucket_reso": 64, "network_dim": 4,
+                        "network_alpha": 2, "max_train_steps": 4, "train_batch_size": 1, "seed": 1,
+                        "output_dir": out, "output_name": "tabcat", "sample_every_n_steps": 2,
+                        "sample_prompts": "a cat", "sample_steps": 2}.items():
+        fill(tab, name, value)
+    tab.locator("#sdlora_train_start").click()
+    assert re.search(r"epoch 1/1 loss [\d.]+ avg [\d.]+ lr \S+ [\d.]+ it/s ETA", wait_status(tab, r"^steps 1/4"))
+
+    queued = {}
+    job = threading.Thread(target=lambda: queued.update(png=webui.txt2img("a cat", seed=3)[0]))
+    job.start()
+    wait_status(tab, r"^(steps [2-4]/4|\[sampling\])")
+    assert job.is_alive(), "a txt2img job ran while the run held the model"
+    tab.locator("#sdlora_train_cancel").click()
+    text = wait_status(tab, "^(Finished|Cancelled)")
+    cancelled = re.match(r"Cancelled at step ([23]): saved ", text)
+    assert cancelled, text
+    step = int(cancelled[1])
+    job.join(300)
+    assert queued["png"] == plain, "the job queued behind the run saw a changed model"
+
+    partial = out / f"tabcat-step{step:08d}.safetensors"
+    state = out / f"tabcat-step{step:08d}-state"
+    assert (state / "train_state.json").is_file()
+    tab.wait_for_function(f"document.querySelector('#sdlora_train_resume_from textarea').value == {str(state)!r}")
+    net = lib_lora.load(str(partial))
+    assert net.metadata["ss_network_dim"] == "4" and net.metadata["ss_steps"] == str(step)
+    assert {t.part for t in net.modules} == {"unet", "te"}
+
+    tab.locator("#sdlora_train_resume").click()
+    text = wait_status(tab, "^Finished")
+    assert text.startswith(f"Finished at step 4: saved {out / 'tabcat.safetensors'}"), text
+    final = lib_lora.load(str(out / "tabcat.safetensors"))
+    assert final.metadata["ss_steps"] == "4" and final.metadata["ss_sd_model_name"] == "random-sd15.safetensors"
+    ups = {k: t for k, t in load_file(out / "tabcat.safetensors").items() if k.endswith("lora_up.weight")}
+    for part in ("lora_te_", "lora_unet_"):  # zero at the start: gradients reached both through the WebUI's modules
+        assert any(t.abs().sum() > 0 for k, t in ups.items() if k.startswith(part)), part
+    assert f"resumed from {state} at step {step}" in field(tab, "log").input_value()
+    tab.wait_for_selector("#sdlora_train_plot img")
+    assert tab.locator("#sdlora_train_samples img").count() >= 1  # samples at steps 2 and 4
+    samples = sorted(p.name for p in (out / "sample").glob("tabcat_*.png"))
+    assert samples == ["tabcat_000002_00.png", "tabcat_000004_00.png"]
+
+    again, _ = webui.txt2img("a cat", seed=3)
+    assert again == plain, "the model is not as it was before training"
+    tab.locator("#sdlora_train_start").scroll_into_view_if_needed()
+    tab.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)
