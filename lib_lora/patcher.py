@@ -350,7 +350,6 @@ def _mha_bypass_forward(mha: torch.nn.MultiheadAttention, name: str, contribs: l
     if mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     w_in = patcher._original(name, "in_proj_weight", mha)
-    b_in = patcher._original(name, "in_proj_bias", mha)
     e = mha.embed_dim
     active = [c for c in contribs if c.use.active_at(patcher.step, patcher.total_steps)]
     proj = []

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import mimetypes
 import os
 import pathlib
 import subprocess
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -116,3 +119,42 @@ def pixels(png: bytes):
     from PIL import Image
     import numpy as np
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextlib.contextmanager
+def browser_page(client: "Client"):
+    """A headless Debian Chromium tab (Playwright, no browser download) on the WebUI's page."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip_or_fail("the playwright package is not installed")
+    if not os.path.exists(CHROMIUM):
+        _skip_or_fail(f"no {CHROMIUM}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    webui = pathlib.Path(client.bed, "webui")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1500, "height": 1100})
+        tab.set_default_timeout(60_000)
+        tab.route("**/file=**", lambda route: _serve_static(route, webui))
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def _serve_static(route, webui: pathlib.Path) -> None:
+    """gradio 3.41 answers 403 for any file under a dot folder, and the bed lives in ~/.cache: then the
+    WebUI's own JS/CSS (and ours) are served to the browser from the bed's tree, unchanged."""
+    response = route.fetch()
+    rel = urllib.parse.unquote(urllib.parse.urlsplit(route.request.url).path.split("/file=", 1)[1])
+    path = pathlib.Path(os.path.normpath(webui / rel))
+    if response.status != 403 or webui not in path.parents or not path.is_file():
+        route.fulfill(response=response)
+        return
+    route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")

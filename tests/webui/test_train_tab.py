@@ -3,57 +3,28 @@ checkpoint (64 px, rank 4), cancelled after step 2 and resumed to the end; a txt
 for the run and then gives exactly the image it gave before training. Screenshot in artifacts/."""
 from __future__ import annotations
 
-import mimetypes
-import os
 import pathlib
 import re
 import threading
 import time
-import urllib.parse
 
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import lib_lora
-from conftest import ARTIFACTS, _skip_or_fail
+from conftest import ARTIFACTS, browser_page
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 @pytest.fixture(scope="module")
 def tab(webui):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _skip_or_fail("the playwright package is not installed")
-    if not os.path.exists(CHROMIUM):
-        _skip_or_fail(f"no {CHROMIUM}")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.route("**/file=**", lambda route: serve_static(route, pathlib.Path(webui.bed, "webui")))
+    with browser_page(webui) as page:
         page.goto(webui.url)
         page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
         page.locator("#tabs > .tab-nav > button", has_text="Train LoRA").click()
         page.wait_for_selector("#sdlora_train_start", state="visible")
         yield page
-        browser.close()
-
-
-def serve_static(route, webui: pathlib.Path) -> None:
-    """gradio 3.41 answers 403 for files under a dot folder (the bed is in ~/.cache): serve the WebUI's own."""
-    response = route.fetch()
-    rel = urllib.parse.unquote(urllib.parse.urlsplit(route.request.url).path.split("/file=", 1)[1])
-    path = pathlib.Path(os.path.normpath(webui / rel))
-    if response.status != 403 or webui not in path.parents or not path.is_file():
-        route.fulfill(response=response)
-        return
-    route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import mimetypes
 import os
 import pathlib
 import time
-import urllib.parse
 
 import pytest
 
-from conftest import ARTIFACTS, _skip_or_fail
+from conftest import ARTIFACTS, browser_page
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
 EDITOR = "#txt2img_lora_edit_user_metadata"
 CARDS = "#txt2img_lora_cards_html"
 CONTROLS = "#txt2img_extra_tabs .extra-networks-controls-div"  # where the WebUI moves the page's search and sort
@@ -30,33 +25,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def page(client):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _skip_or_fail("the playwright package is not installed")
-    if not os.path.exists(CHROMIUM):
-        _skip_or_fail(f"no {CHROMIUM}")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1500, "height": 1100})
-        tab.set_default_timeout(60_000)
-        tab.route("**/file=**", lambda route: serve_static(route, pathlib.Path(client.bed, "webui")))
+    with browser_page(client) as tab:
         open_lora_tab(tab, client.url)
         yield tab
-        browser.close()
-
-
-def serve_static(route, webui: pathlib.Path) -> None:
-    """gradio 3.41 answers 403 for any file under a dot folder, and the bed lives in ~/.cache: then the
-    WebUI's own JS/CSS (and ours) are served to the browser from the bed's tree, unchanged."""
-    response = route.fetch()
-    rel = urllib.parse.unquote(urllib.parse.urlsplit(route.request.url).path.split("/file=", 1)[1])
-    path = pathlib.Path(os.path.normpath(webui / rel))
-    if response.status != 403 or webui not in path.parents or not path.is_file():
-        route.fulfill(response=response)
-        return
-    route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")
 
 
 def open_lora_tab(tab, url: str) -> None:
