@@ -121,7 +121,7 @@ def _file_size(path: str, limits: Limits) -> int:
         raise LoraError(path, f"cannot read the file ({e.strerror or e})", "check that it exists and is readable") from None
     if size > limits.max_file_bytes:
         raise LoraError(path, f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit",
-                        "no LoRA file is this large; check that this is the file you meant")
+                        "raise \"Refuse network files larger than\" in Settings if you trust this file")
     return size
 
 

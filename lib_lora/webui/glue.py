@@ -17,6 +17,7 @@ from ..catalog import Catalog
 from ..errors import LoraError
 from ..hashes import file_hashes
 from ..prompt import TOKEN, PromptError, parse_items
+from ..safetensors_io import Limits
 
 log = logging.getLogger("sd-webui-lora")
 SECTION = ("sd_webui_lora", "LoRA (sd-webui-lora)")
@@ -37,7 +38,8 @@ class State:
     def __init__(self):
         os.makedirs(lora_dirs()[0], exist_ok=True)
         cache = os.path.join(paths.data_path, "cache", "sd-webui-lora-hashes.json")
-        self.catalog = Catalog(lora_dirs(), cache_file=cache, cache_limit=int(opt("sdlora_cache_limit", 4)))
+        self.catalog = Catalog(lora_dirs(), cache_file=cache, cache_limit=int(opt("sdlora_cache_limit", 4)),
+                               limits=limits())
         self.catalog.refresh()
         self.activator = Activator(self.catalog)
         self.active_uses: list = []
@@ -50,6 +52,11 @@ class State:
             trigger_words=opt("sdlora_trigger_words", "warn"),
             weight_limit=float(opt("sdlora_weight_limit", 1.0)),
         )
+
+
+def limits() -> Limits:
+    """Files over these sizes are refused before they are read."""
+    return Limits(max_file_bytes=int(float(opt("sdlora_max_file_mb", 4096)) * 1024 ** 2))
 
 
 def opt(name: str, default):
@@ -249,16 +256,24 @@ def on_ui_settings() -> None:
             "warn", "When none of a network's trigger words is in the prompt", gr.Radio,
             {"choices": ["warn", "add", "ignore"]}),
         "sdlora_weight_limit": shared.OptionInfo(1.0, "Warn for weights above", gr.Number),
+        "sdlora_max_file_mb": shared.OptionInfo(
+            4096, "Refuse network files larger than (MB)", gr.Number, {"precision": 0}).info(
+            "checked before a file is read; LoRA files are rarely over 1000 MB"),
     }
     for key, info in options.items():
         info.section = SECTION
         shared.opts.add_option(key, info)
     shared.opts.onchange("sdlora_cache_limit", on_cache_limit_change)
+    shared.opts.onchange("sdlora_max_file_mb", on_limits_change)
 
 
 def on_cache_limit_change() -> None:
     state().catalog.cache_limit = int(opt("sdlora_cache_limit", 4))
     state().catalog.trim()
+
+
+def on_limits_change() -> None:
+    state().catalog.limits = limits()
 
 
 def install_callbacks() -> None:

@@ -1,6 +1,8 @@
 """`<lora:…>` in prompts, through the real WebUI's HTTP API (built-in Lora disabled)."""
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
 
@@ -133,3 +135,17 @@ def test_start_stop_schedule_runs_in_bypass(webui):
 def test_peft_and_lycoris_files(webui, plain, name):
     png, info = webui.txt2img(f"a cat <lora:{name}:1>")
     assert not same(png, plain) and "Lora errors" not in info["infotexts"][0], info["infotexts"][0]
+
+
+def test_img2img_applies_and_restores(webui, plain):
+    init = base64.b64encode(plain).decode()
+    body = {"init_images": [init], "denoising_strength": 0.6, "steps": 2, "width": 64, "height": 64, "seed": 1,
+            "sampler_name": "Euler", "save_images": False}
+    status, ref = webui.call("POST", "/sdapi/v1/img2img", dict(body, prompt="a cat"))
+    assert status == 200, ref
+    status, lora = webui.call("POST", "/sdapi/v1/img2img", dict(body, prompt="a cat <lora:kohya_a:0.8>"))
+    assert status == 200, lora
+    status, again = webui.call("POST", "/sdapi/v1/img2img", dict(body, prompt="a cat"))
+    a, b, c = (base64.b64decode(r["images"][0]) for r in (ref, lora, again))
+    assert not same(a, b) and a == c
+    assert "Lora hashes" in json.loads(lora["info"])["infotexts"][0]
