@@ -114,3 +114,27 @@ def test_negative_prompt_token_and_schedule(webui):
     webui.extra_networks.activate(SimpleNamespace(prompts=[""], negative_prompts=[""], steps=3, comments={},
                                                   extra_generation_params={}, is_hr_pass=False,
                                                   comment=lambda t: None), {})
+
+
+def test_model_switch_mid_job_carries_the_networks(webui):
+    """A refiner or checkpoint switch inside a job: the new model gets the job's networks, the old one is
+    left exactly as loaded."""
+    old = webui.shared.sd_model
+    generate(webui, "a cat")
+    old_ref = state(old)
+    p = SimpleNamespace(prompts=["a cat"], negative_prompts=[""], steps=3, comments={}, extra_generation_params={},
+                        is_hr_pass=False, comment=lambda t: None)
+    webui.extra_networks.activate(p, {"lora": [webui.extra_networks.ExtraNetworkParams(["style", "1"])]})
+    new = models.sd_model("sd1", seed=32)
+    new_ref = state(new)
+    webui.shared.sd_model = new
+    try:
+        for cb in webui.callbacks.callbacks["model_loaded"]:
+            cb(new)
+        assert same_state(old, old_ref), "the model switched away from is restored"
+        assert not same_state(new, new_ref), "the job's network is applied to the new model"
+        generate(webui, "a cat")
+        assert same_state(new, new_ref)
+    finally:
+        webui.shared.sd_model = old
+        generate(webui, "a cat")
