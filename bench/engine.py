@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import cpu_model, loadavg  # noqa: E402
 import torch  # noqa: E402
 
 T0 = time.perf_counter()
@@ -82,24 +83,6 @@ def ms(s: float) -> str:
 
 def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
 
 
 # ---- the networks ---------------------------------------------------------------------------
