@@ -162,10 +162,9 @@ def _check_group(w: dict[str, torch.Tensor]) -> str | None:
 
 
 def _format(tensors: dict, metadata: dict[str, str], modules: dict[Target, Adapter]) -> str:
-    first = next(iter(tensors))
-    if first.startswith(("unet.", "text_encoder", "base_model.", "transformer.unet")):
+    if any(k.startswith(("unet.", "text_encoder", "base_model.", "transformer.unet")) for k in tensors):
         return "peft" if any(".lora_A." in k or "lora_magnitude_vector" in k for k in tensors) else "diffusers"
-    if first.startswith(("model.diffusion_model.", "diffusion_model.", "cond_stage_model.", "conditioner.")):
+    if any(k.startswith(("model.diffusion_model.", "diffusion_model.", "cond_stage_model.", "conditioner.")) for k in tensors):
         return "checkpoint"
     kinds = {a.kind for a in modules.values()}
     if "lycoris" in metadata.get("ss_network_module", "") or kinds - {"lora"} or any(k.endswith("dora_scale") for k in tensors):
