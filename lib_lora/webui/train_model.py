@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from modules import call_queue, devices, lowvram, processing, sd_vae, shared
+from modules import call_queue, devices, lowvram, processing, sd_hijack, sd_vae, shared
 
 from ..errors import LoraError
 from ..train import ModelBundle, TrainConfig
@@ -36,7 +36,7 @@ class SampleOptions:
 def hold_model() -> Iterator[None]:
     """The WebUI's queue lock and job state for a whole run; afterwards the prompt-conditioning cache is
     emptied (it may hold conds made with the network attached) and the new files are listed."""
-    with call_queue.queue_lock:
+    with call_queue.queue_lock, training_attention():
         shared.state.begin(job="sdlora_train")
         try:
             yield
@@ -45,6 +45,23 @@ def hold_model() -> Iterator[None]:
             shared.state.end()
             devices.torch_gc()
             glue.state().catalog.refresh()
+
+
+@contextlib.contextmanager
+def training_attention() -> Iterator[None]:
+    """SDP attention for the run, the user's choice back afterwards: the split-attention variants the WebUI
+    picks by default on CPU (and on CUDA without xformers) keep whole attention matrices for the backward
+    pass, half the speed and 1.3× the memory of SDP in bench/train.py."""
+    current = sd_hijack.current_optimizer
+    sdp = next((o for o in sd_hijack.optimizers if o.name == "sdp"), None)
+    if sdp is None or (current is not None and current.name in ("xformers", "sdp", "sdp-no-mem")):
+        yield
+        return
+    sd_hijack.apply_optimizations(sdp.title())
+    try:
+        yield
+    finally:
+        sd_hijack.apply_optimizations()
 
 
 def forget_conds() -> None:
