@@ -13,7 +13,7 @@ import torch
 
 from .catalog import Catalog
 from .errors import LoraError
-from .keymap import FAMILY_NAMES
+from .keymap import family_mismatch
 from .patcher import ApplyResult, Patcher, Use
 from .prompt import Request
 
@@ -27,6 +27,11 @@ class Settings:
     warn_base_model: bool = True
     trigger_words: str = "warn"        # warn | add | ignore
     weight_limit: float = 1.0
+
+    @property
+    def patch_mode(self) -> str:
+        """The Patcher mode for networks without a schedule."""
+        return "bypass" if self.mode == "bypass" else "merge"
 
 
 @dataclass
@@ -75,9 +80,8 @@ class Activator:
             except LoraError as e:
                 rep.errors.append(f"{req.name}: {e.message}")
                 continue
-            if net.base_model and family and net.base_model != family:
-                msg = (f"{req.name}: made for {FAMILY_NAMES[net.base_model]}, but the loaded model is "
-                       f"{FAMILY_NAMES[family]}; not applied")
+            msg = family_mismatch(req.name, net.base_model, family)
+            if msg:
                 if settings.warn_base_model:
                     rep.errors.append(msg)
                 else:
@@ -123,7 +127,7 @@ class Activator:
     def apply(self, model: torch.nn.Module, rep: Report, settings: Settings) -> Report:
         patcher = self.patcher_for(model)
         patcher.step = None
-        rep.result = patcher.apply(rep.uses, mode="bypass" if settings.mode == "bypass" else "merge")
+        rep.result = patcher.apply(rep.uses, mode=settings.patch_mode)
         rep.errors.extend(rep.result.errors)
         self.catalog.trim(keep=rep.in_use)
         for msg in rep.errors:

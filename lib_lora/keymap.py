@@ -199,3 +199,12 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
 
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", None: "unknown"}
+
+
+def family_mismatch(name: str, network_family: str | None, model_family: str | None) -> str | None:
+    """The refusal for a network made for another base model than the loaded one (None when it fits or
+    either side is unknown)."""
+    if not network_family or not model_family or network_family == model_family:
+        return None
+    return (f"{name}: made for {FAMILY_NAMES[network_family]}, but the loaded model is "
+            f"{FAMILY_NAMES[model_family]}; not applied")

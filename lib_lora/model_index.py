@@ -28,18 +28,18 @@ class ModelIndex:
         self.modules: dict[tuple[str, str], tuple[str, torch.nn.Module]] = {}
         self.parent_mha: dict[str, str] = {}
         self.open_clip: dict[str, bool] = {}
-        names = {}
+        self.by_name: dict[str, torch.nn.Module] = {}
         for raw, module in model.named_modules():
             if not isinstance(module, PATCHABLE):
                 continue
             name = checkpoint_name(raw)
-            names[name] = module
+            self.by_name[name] = module
             for prefix, part, open_clip in ROOTS:
                 if name.startswith(prefix):
                     self.modules[(part, name[len(prefix):].replace(".", "_"))] = (name, module)
                     self.open_clip.setdefault(part, open_clip)
                     break
-        for name, module in names.items():
+        for name, module in self.by_name.items():
             if isinstance(module, torch.nn.MultiheadAttention):
                 self.parent_mha[name + ".out_proj"] = name
         self.family = self._family()

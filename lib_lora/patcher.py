@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter
 from .blocks import BlockWeights
-from .keymap import FAMILY_NAMES, Target
+from .keymap import Target, family_mismatch
 from .model_index import ModelIndex
 from .network import Network
 from .prompt import resolve_step
@@ -123,10 +123,8 @@ class Patcher:
         matched: dict[str, None] = {}
         for use in uses:
             net = use.network
-            fam = self.index.family
-            if net.base_model and fam and net.base_model != fam:
-                msg = (f"{net.name}: made for {FAMILY_NAMES[net.base_model]}, but the loaded model is "
-                       f"{FAMILY_NAMES[fam]}; not applied")
+            msg = family_mismatch(net.name, net.base_model, self.index.family)
+            if msg:
                 res.errors.append(msg)
                 for adapter in net.modules.values():
                     res.skipped[adapter.key] = msg
@@ -149,19 +147,13 @@ class Patcher:
                 home = name
                 if use_mode == "bypass" and name in self.index.parent_mha:
                     home, sub = self.index.parent_mha[name], "out"
-                    module = self._module_named(home)
+                    module = self.index.by_name[home]
                 self._modules[home] = module
                 (bypass if use_mode == "bypass" else merge).setdefault(home, []).append(
                     Contribution(adapter, sub, m, use.dyn, use))
                 matched[name] = None
         res.matched = list(matched)
         return merge, bypass, res
-
-    def _module_named(self, name: str) -> torch.nn.Module:
-        for (_part, _path), (n, module) in self.index.modules.items():
-            if n == name:
-                return module
-        raise KeyError(name)
 
     def _fit(self, adapter: Adapter, module: torch.nn.Module, sub: str | None, dyn: int | None) -> str | None:
         """Why the adapter cannot patch this weight, checked on meta tensors (no data touched)."""

@@ -160,9 +160,7 @@ def on_model_loaded(sd_model) -> None:
     if st.activator.patcher is not None and st.activator.patcher.model is sd_model:
         st.activator.forget_model()
     if st.active_uses:
-        patcher = st.activator.patcher_for(sd_model)
-        uses = [u for u in st.active_uses if not (u.network.base_model and patcher.family and u.network.base_model != patcher.family)]
-        patcher.apply(uses, mode="bypass" if st.settings().mode == "bypass" else "merge")
+        st.activator.patcher_for(sd_model).apply(st.active_uses, mode=st.settings().patch_mode)
 
 
 def on_cfg_denoiser(params) -> None:
