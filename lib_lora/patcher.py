@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .adapters import Adapter
 from .blocks import BlockWeights
 from .keymap import Target, family_mismatch
+from .mha import mha_forward
 from .model_index import ModelIndex
 from .network import Network
 from .prompt import resolve_step
@@ -336,63 +337,23 @@ def _has_bias(module: torch.nn.Module, sub: str | None) -> bool:
 
 
 def _mha_bypass_forward(mha: torch.nn.MultiheadAttention, name: str, contribs: list[Contribution], patcher: Patcher,
-                        query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                        average_attn_weights=True, is_causal=False):
-    """nn.MultiheadAttention's forward with each adapter's extra q/k/v/out projections added."""
-    if mha.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    w_in = patcher._original(name, "in_proj_weight", mha)
+                        *args, **kwargs):
+    """nn.MultiheadAttention's forward with each active adapter's extra q/k/v/out projections added."""
     e = mha.embed_dim
+    w_in = patcher._original(name, "in_proj_weight", mha)
+    weights = {sub: w_in[i * e:(i + 1) * e] for i, sub in enumerate("qkv")}
+    weights["out"] = patcher._original(name + ".out_proj", "weight", mha.out_proj)
     active = [c for c in contribs if c.use.active_at(patcher.step, patcher.total_steps)]
-    proj = []
-    for i, (sub, x) in enumerate(zip("qkv", (query, key, value))):
-        y = F.linear(x, mha.in_proj_weight[i * e:(i + 1) * e], None if mha.in_proj_bias is None else mha.in_proj_bias[i * e:(i + 1) * e])
+
+    def extra(sub: str, x: torch.Tensor) -> torch.Tensor | None:
+        add = None
         for c in active:
             if c.sub == sub:
-                y = y + c.adapter.bypass(x, _LINEAR, w_in[i * e:(i + 1) * e], c.multiplier, c.dyn)
-        proj.append(y)
-    q, k, v = proj
-    tgt, bsz, _ = q.shape
-    h, d = mha.num_heads, e // mha.num_heads
-    q, k, v = (t.reshape(t.shape[0], bsz * h, d).transpose(0, 1).reshape(bsz, h, t.shape[0], d) for t in (q, k, v))
-    mask = _additive_mask(attn_mask, key_padding_mask, bsz, h, tgt, k.shape[2], q.dtype, is_causal)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-    if mask is not None:
-        scores = scores + mask
-    attn = scores.softmax(-1)
-    if mha.training and mha.dropout > 0:
-        attn = F.dropout(attn, mha.dropout)
-    o = (attn @ v).permute(2, 0, 1, 3).reshape(tgt, bsz, e)
-    out = mha.out_proj(o)
-    w_out = patcher._original(name + ".out_proj", "weight", mha.out_proj)
-    for c in active:
-        if c.sub == "out":
-            out = out + c.adapter.bypass(o, _LINEAR, w_out, c.multiplier, c.dyn)
-    if mha.batch_first:
-        out = out.transpose(0, 1)
-    weights = None
-    if need_weights:
-        weights = attn.mean(1) if average_attn_weights else attn
-    return out, weights
+                y = c.adapter.bypass(x, _LINEAR, weights[sub], c.multiplier, c.dyn)
+                add = y if add is None else add + y
+        return add
+
+    return mha_forward(mha, extra, *args, **kwargs)
 
 
 _LINEAR = torch.nn.Linear(1, 1, bias=False)
-
-
-def _additive_mask(attn_mask, key_padding_mask, bsz, heads, tgt, src, dtype, is_causal):
-    mask = None
-    if attn_mask is None and is_causal:
-        attn_mask = torch.ones(tgt, src, dtype=torch.bool).triu(1)
-    if attn_mask is not None:
-        m = attn_mask
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-        m = m.to(dtype)
-        mask = m.reshape(bsz, heads, tgt, src) if m.dim() == 3 else m
-    if key_padding_mask is not None:
-        k = key_padding_mask
-        if k.dtype == torch.bool:
-            k = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill(k, float("-inf"))
-        k = k.to(dtype).reshape(bsz, 1, 1, src)
-        mask = k if mask is None else mask + k
-    return mask

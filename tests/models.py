@@ -318,6 +318,59 @@ def sd_model(family: str, wrapped: bool = True, seed: int = 0) -> nn.Module:
     return _assemble(family, tiny_unet(family, seed=seed), text, wrapped).eval()
 
 
+#: Tiny SDXL: ldm's ``UNetModel`` with SDXL's block layout (three levels, attention on the last two, one
+#: transformer block each: ldm cannot run deeper ones, linear proj_in/out) and ``label_emb`` rebuilt as sgm's
+#: nested Sequential; the text encoders are CLIP-L-shaped (hidden 32) and bigG-shaped open_clip (width 48).
+SDXL_TE1_HIDDEN, SDXL_TE2_WIDTH = 32, 48
+SDXL_ADM = SDXL_TE2_WIDTH + 6 * 256
+SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2, attention_resolutions=[4, 2],
+    channel_mult=[1, 2, 4], use_spatial_transformer=True, transformer_depth=1, num_head_channels=8,
+    context_dim=SDXL_TE1_HIDDEN + SDXL_TE2_WIDTH, use_linear_in_transformer=True, use_checkpoint=False,
+    legacy=False, num_classes="continuous")
+
+
+class GeneralConditioner(nn.Module):
+    """Stand-in for sgm's ``GeneralConditioner``: holds ``.embedders`` (a ModuleList)."""
+
+    def __init__(self, embedders: list[nn.Module]) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+
+def tiny_sdxl(seed: int = 0, wrapped: bool = True) -> nn.Module:
+    """Runnable tiny SDXL with the WebUI's naming: ``model.diffusion_model`` (call with ``y`` [B, SDXL_ADM]),
+    ``conditioner.embedders.0[.wrapped].transformer`` (CLIPTextModel) and ``conditioner.embedders.1[.wrapped].model``
+    (open_clip, nn.MultiheadAttention, ``text_projection`` for the pooled output)."""
+    unet = _unet_class()(**copy.deepcopy(SDXL_UNET_CONFIG))
+    ted = 4 * SDXL_UNET_CONFIG["model_channels"]
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(SDXL_ADM, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    randomize_(unet.float().eval(), seed)
+    te1 = FrozenCLIPEmbedder(tiny_clip_text(seed=seed + 1, hidden=SDXL_TE1_HIDDEN))
+    te2 = FrozenOpenCLIPEmbedder(tiny_open_clip_text(seed=seed + 2, width=SDXL_TE2_WIDTH, layers=32))
+    root = StableDiffusionModel("sdxl")
+    root.model = DiffusionWrapper(unet)
+    embedders = [EmbedderWithCustomWords(te1), EmbedderWithCustomWords(te2)] if wrapped else [te1, te2]
+    root.conditioner = GeneralConditioner(embedders)
+    return root.eval()
+
+
+def sdxl_encode(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning as sgm computes it: CLIP-L hidden_states[11] beside bigG's penultimate block
+    output (no final norm), and bigG's pooled output (ln_final at the end token, times text_projection)."""
+    e0, e1 = (getattr(e, "wrapped", e) for e in model.conditioner.embedders)
+    c1 = e0.transformer(tokens, output_hidden_states=True).hidden_states[11]
+    oc = e1.model
+    x = oc.token_embedding(tokens) + oc.positional_embedding
+    blocks = oc.transformer.resblocks
+    for block in blocks[:-1]:
+        x = block(x, attn_mask=oc.attn_mask)
+    penultimate = x
+    last = oc.ln_final(blocks[-1](x, attn_mask=oc.attn_mask))
+    pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ oc.text_projection
+    return torch.cat([c1, penultimate], dim=-1), pooled
+
+
 def full_model(family: str = "sd1", seed: int = 0, wrapped: bool = True,
                device: str | torch.device = "cpu") -> nn.Module:
     """FULL-SIZE SD1.x (ldm UNet 320ch + CLIP-L) or SD2.x (UNet + OpenCLIP ViT-H text) with random weights.

@@ -533,6 +533,9 @@ def test_sd2_v_prediction_bf16_open_clip_names(data):
     assert all(p.dtype == torch.float32 for p in trainer.network.parameters())
     assert net.base_model == "sd2" and not net.unmatched
     assert "lora_te_text_model_encoder_layers_0_mlp_fc1" in trainer.network.loras
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in trainer.network.loras  # MultiheadAttention
+    assert "lora_te_text_model_encoder_layers_0_self_attn_out_proj" in trainer.network.loras
+    assert trainer.network.loras["lora_te_text_model_encoder_layers_0_self_attn_v_proj"].lora_up.weight.abs().max() > 0
     assert "lora_unet_down_blocks_0_attentions_0_proj_in" in trainer.network.loras
     md = net.metadata
     assert (md["ss_v2"], md["ss_base_model_version"], md["modelspec.architecture"], md["modelspec.prediction_type"]) == (
@@ -550,3 +553,75 @@ def test_sd2_v_prediction_bf16_open_clip_names(data):
     torch.testing.assert_close(unet_out(fresh), hooked_u, atol=2e-3, rtol=0)
     torch.testing.assert_close(te_out(fresh), hooked_t, atol=2e-3, rtol=0)
     assert (hooked_t - base_t).abs().max() > 1e-3
+
+
+# ---- SDXL --------------------------------------------------------------------------------------------
+def sdxl_outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UNet output for fixed inputs (context and y included), and both text conditionings of fixed tokens."""
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 80, generator=g)
+    y = torch.randn(1, models.SDXL_ADM, generator=g)
+    with torch.no_grad():
+        context, pooled = models.sdxl_encode(model, models.random_tokens())
+        return model.model.diffusion_model(x, torch.tensor([10]), ctx, y=y), context, pooled
+
+
+def test_sdxl_two_text_encoders_size_conditioning_and_kohya_names(data):
+    """SDXL: both text encoders (the second's nn.MultiheadAttention q/k/v included) and the UNet train; the
+    file has kohya's SDXL names and metadata and, merged by the engine, gives the hooked model's outputs."""
+    model = models.tiny_sdxl(seed=0)
+    base = sdxl_outputs(model)
+    seen = []
+
+    def encode(tokens):
+        seen.append(tokens.shape)
+        return models.sdxl_encode(model, tokens)
+
+    bundle = ModelBundle(model, vae_encode, tokenize, encode, vae_id="xl")
+    cfg = config(data, output_dir=str(data / "sdxl"), max_train_steps=3, learning_rate=1e-2, network_alpha=4.0,
+                 resolution="64", save_state=False)
+    trainer = Trainer(cfg, bundle, log_fn=lambda m: None)
+    net = lib_lora.load(trainer.run().output)
+    keys = set(trainer.network.loras)
+    for key in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+                "lora_te2_text_model_encoder_layers_31_self_attn_v_proj",
+                "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "lora_unet_output_blocks_2_1_proj_out"):
+        assert key in keys, key
+    assert not any(k.startswith(("lora_te_", "lora_unet_down_blocks")) for k in keys)
+    ups = trainer.network.loras["lora_te2_text_model_encoder_layers_0_self_attn_k_proj"].lora_up.weight
+    assert ups.abs().max() > 0, "no gradient reached the MultiheadAttention's q/k/v"
+    assert net.base_model == "sdxl" and not net.unmatched and len(net.modules) == len(keys)
+    md = net.metadata
+    assert (md["ss_base_model_version"], md["modelspec.architecture"], md["ss_v2"]) == (
+        "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False")
+    assert all(not m.__dict__.get("forward") for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(sdxl_outputs(model), base)), "the model must be given back untouched"
+    trainer.network.eval()
+    trainer.network.attach()
+    try:
+        hooked = sdxl_outputs(model)
+    finally:
+        trainer.network.detach()
+    fresh = models.tiny_sdxl(seed=0)
+    res = lib_lora.Patcher(fresh).apply([lib_lora.Use(net)], mode="merge")
+    assert not res.skipped and not res.errors
+    for merged, h, b in zip(sdxl_outputs(fresh), hooked, base):
+        assert (h - b).abs().max() > 1e-4
+        torch.testing.assert_close(merged, h, atol=1e-5, rtol=1e-5)  # 32 fp32 layers: values up to ~10
+
+
+def test_sdxl_size_vector_matches_sgm_embedders():
+    """y = [pooled | emb(orig h, w) | emb(crop top, left) | emb(target h, w)], 256 per number (sgm's
+    ConcatTimestepEmbedderND over ldm's timestep_embedding)."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    from lib_lora.train.model import sdxl_vector
+
+    pooled = torch.randn(2, 48)
+    sizes = torch.tensor([[1024.0, 768, 0, 32, 1024, 704], [512, 512, 8, 0, 512, 512]])
+    want = torch.cat([pooled] + [timestep_embedding(sizes[:, k], 256) for k in range(6)], dim=1)
+    torch.testing.assert_close(sdxl_vector(pooled, sizes), want, atol=1e-6, rtol=0)

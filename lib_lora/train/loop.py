@@ -30,7 +30,7 @@ from .cache import LatentCache
 from .config import TrainConfig
 from .dataset import Dataset, ImageItem
 from .metadata import base_model_info, modelspec, training_metadata, write_network
-from .model import ModelBundle, NoiseSchedule, checkpoint_blocks, frozen, gradient_checkpointing
+from .model import ModelBundle, NoiseSchedule, checkpoint_blocks, frozen, gradient_checkpointing, sdxl_vector
 from .network import TrainNetwork
 from .optim import build_optimizer, build_scheduler
 from .plot import write_loss_curve
@@ -83,6 +83,25 @@ def grad_scaler() -> torch.amp.GradScaler:
     """fp16 loss scaling on CUDA: ``torch.amp.GradScaler`` from torch 2.3, ``torch.cuda.amp``'s before (the
     WebUI's torch 2.1)."""
     return torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+
+
+def _to_device(tokens, device: torch.device):
+    """Token tensors (or a list of them, one per text encoder) on the model's device."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.to(device)
+    if isinstance(tokens, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in tokens):
+        return type(tokens)(t.to(device) for t in tokens)
+    return tokens
+
+
+def _size_conditions(items: list[ImageItem]) -> torch.Tensor:
+    """SDXL's micro-conditioning per image, as kohya computes it: original (h, w), the centre crop's
+    (top, left) in the resized image, and the bucket (h, w)."""
+    rows = []
+    for i in items:
+        (w, h), (rw, rh), (bw, bh) = i.size, i.resized, i.bucket
+        rows.append([h, w, (rh - bh) // 2, (rw - bw) // 2, bh, bw])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 @dataclass
@@ -190,7 +209,7 @@ class Trainer:
                 raise LoraError(cfg.network_weights, "no tensor matches this network's kohya key names",
                                 "start from a file trained for this model family with the same network_algo")
             self.log(f"started from {n} tensors of {cfg.network_weights}")
-        self.train_te = any(p == "te" for p in self.network.parts.values())
+        self.train_te = any(p != "unet" for p in self.network.parts.values())
         self.steps_per_epoch = math.ceil(self.dataset.batches_per_epoch() / cfg.gradient_accumulation_steps)
         self.total_steps = (cfg.max_train_epochs * self.steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps)
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -302,7 +321,8 @@ class Trainer:
             latents = self.cache.get(batch, flips).to(self.device)
             weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
             timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=self.gen)
-            loss = self._loss(latents, captions, timesteps, self._noise_like(latents, self.gen), weights, train=True)
+            loss = self._loss(latents, batch, captions, timesteps, self._noise_like(latents, self.gen), weights,
+                              train=True)
             scaled = loss / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
@@ -326,18 +346,21 @@ class Trainer:
             noise = noise + self.cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
         return noise.to(self.device)
 
-    def _loss(self, latents: torch.Tensor, captions: list[str], timesteps: torch.Tensor, noise: torch.Tensor,
-              weights: torch.Tensor, train: bool) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, items: list[ImageItem], captions: list[str], timesteps: torch.Tensor,
+              noise: torch.Tensor, weights: torch.Tensor, train: bool) -> torch.Tensor:
         """The weighted mean MSE of the UNet's prediction (ε or v) for these latents, noise and timesteps."""
         cfg = self.cfg
-        tokens = self.bundle.tokenize(captions)
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.to(self.device)
+        tokens = _to_device(self.bundle.tokenize(captions), self.device)
         with autocast(self.device, cfg.mixed_precision):
             with torch.set_grad_enabled(train and self.train_te):
-                context = self.bundle.encode_text(tokens)
+                cond = self.bundle.encode_text(tokens)
+            extra = {}
+            if isinstance(cond, tuple):
+                cond, pooled = cond
+                extra["y"] = sdxl_vector(pooled, _size_conditions(items)).to(self.unet_dtype)
             noisy = self.noise.add_noise(latents, noise, timesteps)
-            pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), context.to(self.unet_dtype))
+            pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), cond.to(self.unet_dtype),
+                                    **extra)
         target = self.noise.velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
         snr_weight = self.noise.loss_weight(timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
@@ -362,7 +385,8 @@ class Trainer:
                 latent = self.cache.get([item], [False]).to(self.device).expand(len(t), -1, -1, -1)
                 noise = self._noise_like(latent, gen)
                 ones = torch.ones(len(t), device=self.device)
-                total += float(self._loss(latent, [item.caption] * len(t), t, noise, ones, train=False))
+                total += float(self._loss(latent, [item] * len(t), [item.caption] * len(t), t, noise, ones,
+                                          train=False))
         value = total / len(items)
         self.val_losses.append((self.step, value))
         self.log(f"step {self.step}: validation loss {value:.5f}")

@@ -24,7 +24,9 @@ from .dataset import Dataset
 
 
 def base_model_version(family: str, v_parameterization: bool) -> str:
-    """kohya's ``get_model_version_str_for_sd1_sd2``."""
+    """kohya's ``get_model_version_str_for_sd1_sd2``, and ``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
     return ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
 
 
@@ -129,7 +131,9 @@ def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer
 
 def modelspec(cfg: TrainConfig, family: str, started_at: float) -> dict[str, str]:
     """The Stability ModelSpec keys kohya adds to a LoRA (``sai_model_spec.build_metadata``)."""
-    if family == "sd2":
+    if family == "sdxl":
+        arch = "stable-diffusion-xl-v1-base"
+    elif family == "sd2":
         arch = "stable-diffusion-v2-768-v" if cfg.v_parameterization else "stable-diffusion-v2-512"
     else:
         arch = "stable-diffusion-v1"

@@ -6,6 +6,7 @@ checkpoint and tests can use tiny models: the trainer never loads weights itself
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -20,11 +21,14 @@ Tensor = torch.Tensor
 
 @dataclass
 class ModelBundle:
-    """``sd_model``: ``.model.diffusion_model(x, t, context)`` and the text encoder under ``.cond_stage_model``.
+    """``sd_model``: ``.model.diffusion_model(x, t, context[, y])`` and the text encoders under
+    ``.cond_stage_model`` (SD1/SD2) or ``.conditioner`` (SDXL).
 
     ``vae_encode(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8]`` already multiplied by the VAE scale
-    factor (what the UNet is trained on); ``tokenize(captions) -> tokens``; ``encode_text(tokens) -> context``
-    must run the text encoder modules inside ``sd_model`` (so text-encoder layers can be trained).
+    factor (what the UNet is trained on); ``tokenize(captions) -> tokens`` (any value ``encode_text`` takes);
+    ``encode_text(tokens) -> context``, or for SDXL ``(context, pooled)`` with the second encoder's pooled
+    output (the trainer adds the size conditioning), must run the text encoder modules inside ``sd_model``
+    (so text-encoder layers can be trained).
     ``vae_id`` names the VAE for the latent cache key (e.g. the checkpoint's sha256 and the VAE file name).
     ``sample_fn(prompts, step) -> images`` optionally renders sample images with the network active.
     ``base_model_info`` overrides metadata about the base checkpoint (``ss_sd_model_name``, ``ss_sd_model_hash``,
@@ -48,10 +52,28 @@ class ModelBundle:
 
     @property
     def text_encoder(self) -> nn.Module:
-        te = getattr(self.sd_model, "cond_stage_model", None)
+        te = getattr(self.sd_model, "conditioner", None) or getattr(self.sd_model, "cond_stage_model", None)
         if te is None:
-            raise LoraError(None, "the model has no .cond_stage_model", "pass a WebUI-style SD1/SD2 sd_model")
+            raise LoraError(None, "the model has no .cond_stage_model or .conditioner", "pass a WebUI-style sd_model")
         return te
+
+
+SIZE_EMBED_DIM = 256  # sgm's ConcatTimestepEmbedderND outdim in SDXL's config
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """sgm's / ldm's sinusoidal embedding: [cos | sin] of t times geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sdxl_vector(pooled: Tensor, sizes: Tensor) -> Tensor:
+    """SDXL's ``y``: the pooled text embedding, then the embeddings of original size (h, w), crop top-left
+    (top, left) and target size (h, w), as sgm's conditioner concatenates them (``sizes``: [B, 6])."""
+    emb = timestep_embedding(sizes.reshape(-1).to(pooled.device), SIZE_EMBED_DIM).reshape(sizes.shape[0], -1)
+    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)
 
 
 class NoiseSchedule:

@@ -1,13 +1,15 @@
 """Trainable LoRA / LoHa / LoKr modules hooked onto a loaded model, saved under kohya's key names.
 
-The model is never modified: each trained layer gets a forward hook adding the module's extra output, so the
-WebUI's loaded checkpoint can be trained and given back untouched. Which layers are trained follows kohya's
+The model is never modified: each trained layer gets a forward hook adding the module's extra output (open_clip's
+``nn.MultiheadAttention`` gets the shared forward of ``lib_lora.mha`` instead, as its projections are not called as
+modules), so the WebUI's loaded checkpoint can be trained and given back untouched. Which layers are trained follows kohya's
 ``networks.lora``: every Linear / 1x1 conv inside the UNet's transformer blocks and the text encoder's attention
 and MLP blocks, plus (with ``conv_dim``) the ResBlocks' and down/upsamplers' layers. Every key name is
 checked through the engine's own key mapping, so a saved file loads back onto exactly the trained layers.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -17,14 +19,16 @@ from torch import nn
 
 from ..errors import LoraError
 from ..keymap import FAMILY_NAMES, split_key, target_for, unet_path
+from ..mha import mha_forward
 from ..model_index import ModelIndex, checkpoint_name
 from .config import TrainConfig
 
 UNET_ATTN = ("SpatialTransformer", "Transformer2DModel")
 UNET_CONV = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "ResidualAttentionBlock")
-_OPEN_CLIP_TO_HF = (("transformer_resblocks_", "text_model_encoder_layers_"), ("_mlp_c_fc", "_mlp_fc1"),
-                    ("_mlp_c_proj", "_mlp_fc2"))
+_OPEN_CLIP_TO_HF = (("transformer_resblocks_", "text_model_encoder_layers_"), ("_attn_", "_self_attn_"),
+                    ("_mlp_c_fc", "_mlp_fc1"), ("_mlp_c_proj", "_mlp_fc2"))
+TE_PREFIXES = {"sdxl": {"te": "lora_te1_", "te2": "lora_te2_"}}
 _RESNET_TO_DIFFUSERS = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
                         "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
 
@@ -181,14 +185,15 @@ def _resnet_suffix(rest: str) -> str:
 
 
 def kohya_name(part: str, path: str, open_clip: bool, family: str) -> str:
-    """The kohya module name of a target: diffusers names for the UNet, HF CLIP names for the text encoder."""
+    """The kohya module name of a target: diffusers names for the SD1/SD2 UNet (SDXL keeps the checkpoint's),
+    HF CLIP names for every text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two."""
     if part == "unet":
-        d = diffusers_unet_name(path)
+        d = diffusers_unet_name(path) if family != "sdxl" else None
         return "lora_unet_" + (d if d and unet_path(d, family) == path else path)
     if open_clip:
         for a, b in _OPEN_CLIP_TO_HF:
             path = path.replace(a, b)
-    return "lora_te_" + path
+    return TE_PREFIXES.get(family, {}).get(part, "lora_te_") + path
 
 
 # ---- the network ---------------------------------------------------------------------------------
@@ -198,24 +203,33 @@ class TrainNetwork(nn.Module):
     def __init__(self, sd_model: nn.Module, cfg: TrainConfig):
         super().__init__()
         index = ModelIndex(sd_model)
-        if index.family not in ("sd1", "sd2"):
+        if index.family not in ("sd1", "sd2", "sdxl"):
             raise LoraError(None, f"training {FAMILY_NAMES.get(index.family, index.family)} models is not supported",
-                            "load an SD1.x or SD2.x checkpoint")
+                            "load an SD1.x, SD2.x or SDXL checkpoint")
         self.family = index.family
         self.algo = cfg.network_algo
         self.loras = nn.ModuleDict()
         self.parts: dict[str, str] = {}
         self.skipped: list[str] = []
-        self._targets: dict[str, nn.Module] = {}
+        self._targets: dict[str, tuple[nn.Module, str | None]] = {}
         self._handles: list = []
-        for full, (org, part, path, dim, alpha) in _candidates(sd_model, index, cfg).items():
-            key = kohya_name(part, path, index.open_clip.get(part, False), index.family)
-            if not _resolves_to(key, full, index):
-                self.skipped.append(f"{full}: kohya name {key} would not load back onto it")
+        self._mha: dict[nn.MultiheadAttention, dict[str, nn.Module]] = {}
+        self._replaced: list[tuple[nn.Module, object]] = []
+        for (full, sub), (org, part, path, dim, alpha) in _candidates(sd_model, index, cfg).items():
+            key = kohya_name(part, path + (f"_{sub}_proj" if sub else ""), index.open_clip.get(part, False),
+                             index.family)
+            if not _resolves_to(key, full, sub, index):
+                self.skipped.append(f"{full}{'.' + sub if sub else ''}: kohya name {key} would not load back onto it")
                 continue
-            self.loras[key] = self._make(org, dim, alpha, cfg)
+            self.loras[key] = self._make(org.out_proj if sub else org, dim, alpha, cfg)
             self.parts[key] = part
-            self._targets[key] = org
+            self._targets[key] = (org, sub)
+            parent = index.parent_mha.get(full)
+            if sub or parent:
+                mha = org if sub else index.by_name[parent]
+                self._mha.setdefault(mha, {})
+                if sub:
+                    self._mha[mha][sub] = self.loras[key]
         if not self.loras:
             raise LoraError(None, "the model has no layers to train", "check network_train_unet_only / _text_encoder_only")
 
@@ -228,21 +242,33 @@ class TrainNetwork(nn.Module):
 
     def attach(self) -> None:
         """Hook every module onto its layer (idempotent)."""
-        if self._handles:
+        if self._handles or self._replaced:
             return
         for key, lora in self.loras.items():
-            self._handles.append(self._targets[key].register_forward_hook(_hook(lora)))
+            org, sub = self._targets[key]
+            if not sub:
+                self._handles.append(org.register_forward_hook(_hook(lora)))
+        for mha, loras in self._mha.items():
+            self._replaced.append((mha, mha.__dict__.get("forward")))
+            mha.forward = functools.partial(mha_forward, mha, _mha_extra(loras))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mha, previous in self._replaced:
+            if previous is None:
+                mha.__dict__.pop("forward", None)
+            else:
+                mha.forward = previous
+        self._replaced.clear()
 
     def param_groups(self, te_lr: float, unet_lr: float) -> list[dict]:
         """Text encoder first, then UNet (kohya's order), each with its own learning rate."""
         groups = []
         for part, lr in (("te", te_lr), ("unet", unet_lr)):
-            params = [p for k, m in self.loras.items() if self.parts[k] == part for p in m.parameters()]
+            params = [p for k, m in self.loras.items() if (self.parts[k] == "unet") == (part == "unet")
+                      for p in m.parameters()]
             if params:
                 groups.append({"params": params, "lr": lr, "name": part})
         return groups
@@ -281,8 +307,20 @@ def _hook(lora: nn.Module):
     return hook
 
 
+def _mha_extra(loras: dict[str, nn.Module]):
+    """q/k/v outputs for ``mha_forward``; out_proj is an ordinary hooked Linear there, called as a module."""
+    def extra(sub: str, x: torch.Tensor) -> torch.Tensor | None:
+        lora = loras.get(sub)
+        if lora is None:
+            return None
+        return lora(x.to(next(iter(lora.parameters())).dtype)).to(x.dtype)
+
+    return extra
+
+
 def _candidates(sd_model: nn.Module, index: ModelIndex, cfg: TrainConfig) -> dict:
-    """{checkpoint name: (layer, part, path, rank, alpha)} of every layer kohya's networks would train."""
+    """{(checkpoint name, q/k/v or None): (layer, part, path, rank, alpha)} of every layer kohya's networks
+    would train; an ``nn.MultiheadAttention`` gives its q, k and v projections (and its out_proj as a Linear)."""
     by_name = {name: key for key, (name, _m) in index.modules.items()}
     found: dict[str, tuple] = {}
     for cname, container in sd_model.named_modules():
@@ -295,10 +333,16 @@ def _candidates(sd_model: nn.Module, index: ModelIndex, cfg: TrainConfig) -> dic
             continue
         if (want == "te" and cfg.network_train_unet_only) or (want == "unet" and cfg.network_train_text_encoder_only):
             continue
-        mha_out = {f"{n}.out_proj" for n, m in container.named_modules() if isinstance(m, nn.MultiheadAttention)}
         for sub, layer in container.named_modules():
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)) or sub in mha_out:
-                continue  # MultiheadAttention uses its out_proj's weight directly: a hook would never run
+            if isinstance(layer, nn.MultiheadAttention) and want == "te":
+                full = checkpoint_name(f"{cname}.{sub}")
+                key = by_name.get(full)
+                if key is not None:
+                    for qkv in "qkv":
+                        found[(full, qkv)] = (layer, key[0], key[1], cfg.network_dim, cfg.network_alpha)
+                continue
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                continue
             if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 continue
             full = checkpoint_name(f"{cname}.{sub}")
@@ -309,13 +353,13 @@ def _candidates(sd_model: nn.Module, index: ModelIndex, cfg: TrainConfig) -> dic
             if big_conv and cfg.conv_dim is None:
                 continue
             dim, alpha = (cfg.conv_dim, cfg.effective_conv_alpha) if big_conv else (cfg.network_dim, cfg.network_alpha)
-            found[full] = (layer, key[0], key[1], dim, alpha)
+            found[(full, None)] = (layer, key[0], key[1], dim, alpha)
     return found
 
 
-def _resolves_to(key: str, full: str, index: ModelIndex) -> bool:
+def _resolves_to(key: str, full: str, sub: str | None, index: ModelIndex) -> bool:
     split = split_key(key + ".alpha")
     if split is None:
         return False
     hit = index.resolve(target_for(split[0], split[1], index.family))
-    return hit is not None and hit[0] == full and hit[2] is None
+    return hit is not None and hit[0] == full and hit[2] == sub
