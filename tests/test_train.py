@@ -625,3 +625,42 @@ def test_sdxl_size_vector_matches_sgm_embedders():
     sizes = torch.tensor([[1024.0, 768, 0, 32, 1024, 704], [512, 512, 8, 0, 512, 512]])
     want = torch.cat([pooled] + [timestep_embedding(sizes[:, k], 256) for k in range(6)], dim=1)
     torch.testing.assert_close(sdxl_vector(pooled, sizes), want, atol=1e-6, rtol=0)
+
+
+# ---- several processes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_train_like_one_with_double_accumulation(data, tmp_path, launcher):
+    """torchrun / accelerate launch with 2 CPU processes (gloo), batch 1 each, against one process with
+    gradient accumulation 2: the same batches, noise and summed gradients, so the same weights."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model_factory = "test_train:cli_bundle"\ntrain_data_dir = "{data / "img"}"\nresolution = 64\n'
+                    f'min_bucket_reso = 64\nmax_bucket_reso = 128\nmax_train_steps = 3\nseed = 3\nlearning_rate = 1e-2\n'
+                    f'output_dir = "{tmp_path / "out"}"\noutput_name = "ddp"\nsave_state = false\n'
+                    f'validate_every_n_epochs = 1\nvalidation_split = 0.25\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1")
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    else:
+        # --multi_gpu is accelerate's torchrun path; on a machine without GPUs the processes use gloo on the CPU
+        # (accelerate's --cpu runs one process unless mpirun is set up)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29518"]
+    proc = subprocess.run(cmd + ["-m", "lib_lora.train", "--config", str(toml)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished at step 3") == 1, proc.stdout  # only the first process reports
+    net = lib_lora.load(str(tmp_path / "out" / "ddp.safetensors"))
+    assert net.metadata["ss_total_batch_size"] == "2"
+    cfg = config(data, output_dir=str(tmp_path / "single"), output_name="one", max_train_steps=3, seed=3,
+                 learning_rate=1e-2, gradient_accumulation_steps=2, save_state=False, validation_split=0.25)
+    single = Trainer(cfg, cli_bundle(cfg), log_fn=lambda m: None).run()
+    want = load_file(single.output)
+    got = load_file(net.path)
+    assert want.keys() == got.keys()
+    moved = max(float(w.abs().max()) for k, w in want.items() if "lora_up" in k)
+    assert moved > 1e-3
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)

@@ -2,7 +2,8 @@
 
 The engine loads no checkpoints itself, so the model comes from ``model_factory = "module:function"``: a
 function taking the TrainConfig and returning a ModelBundle (the WebUI tab passes its loaded model instead).
-Ctrl-C once stops at the next step and saves a resumable state; twice aborts.
+Ctrl-C once stops at the next step and saves a resumable state; twice aborts. Under ``torchrun`` or
+``accelerate launch`` every process runs this and takes its share of each step (see ``distributed``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 
 from ..errors import LoraError
 from .config import dumps, from_args
+from .distributed import Distributed
 from .loop import Trainer, progress_line
 from .model import ModelBundle
 
@@ -34,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not cfg.model_factory:
             raise LoraError(None, "no model_factory given", "set model_factory = 'module:function' returning a ModelBundle")
+        dist = Distributed.from_env()
         bundle = load_factory(cfg.model_factory)(cfg)
         if not isinstance(bundle, ModelBundle):
             raise LoraError(None, f"model_factory returned {type(bundle).__name__}, not a ModelBundle", "fix the factory")
-        trainer = Trainer(cfg, bundle, log_fn=lambda m: print("\n" + m, file=sys.stderr, flush=True))
+        trainer = Trainer(cfg, bundle, log_fn=lambda m: print("\n" + m, file=sys.stderr, flush=True), dist=dist)
 
         def on_sigint(_sig, _frame):
             if trainer.cancelled:
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoraError as e:
         print(f"\nerror: {e.message}", file=sys.stderr)
         return 2
+    if not dist.main:
+        return 0
     print()
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)

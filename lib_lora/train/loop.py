@@ -29,6 +29,7 @@ from ..safetensors_io import read_state_dict
 from .cache import LatentCache
 from .config import TrainConfig
 from .dataset import Dataset, ImageItem
+from .distributed import Distributed
 from .metadata import base_model_info, modelspec, training_metadata, write_network
 from .model import ModelBundle, NoiseSchedule, checkpoint_blocks, frozen, gradient_checkpointing, sdxl_vector
 from .network import TrainNetwork
@@ -37,7 +38,7 @@ from .plot import write_loss_curve
 
 log = logging.getLogger("sd-webui-lora")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)  # kohya's fixed validation timesteps
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,6 +105,12 @@ def _size_conditions(items: list[ImageItem]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one batch's noise and timesteps: a function of its place in the run only, so resuming and
+    splitting steps between processes draw exactly what an uninterrupted single process would."""
+    return (seed * 1_000_003 + epoch * 65_537 + index) % (2**63 - 1)
+
+
 @dataclass
 class TrainResult:
     output: str | None
@@ -145,13 +152,16 @@ def overfit_warning(val: list[tuple[int, float]], train: list[tuple[int, float]]
 
 class Trainer:
     """One training run: ``run(progress_callback)`` trains and saves; ``cancel()`` (from any thread) stops it
-    at the next step boundary, saving a loadable network and a resumable state."""
+    at the next step boundary, saving a loadable network and a resumable state. ``dist`` places the run in a
+    multi-process launch (see ``distributed``); only its first process logs, reports and writes files."""
 
-    def __init__(self, config: TrainConfig, bundle: ModelBundle, log_fn: Callable[[str], None] | None = None):
+    def __init__(self, config: TrainConfig, bundle: ModelBundle, log_fn: Callable[[str], None] | None = None,
+                 dist: Distributed | None = None):
         config.validate()
         self.cfg = config
         self.bundle = bundle
-        self.log = log_fn or log.info
+        self.dist = dist or Distributed()
+        self.log = (log_fn or log.info) if self.dist.main else (lambda m: None)
         self.network: TrainNetwork | None = None
         self.dataset: Dataset | None = None
         self.warnings: list[str] = []
@@ -165,19 +175,25 @@ class Trainer:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def _stop_requested(self) -> bool:
+        """A cancel on any process stops them all at the same step."""
+        if self.dist.any(self._cancel.is_set()):
+            self._cancel.set()
+        return self.cancelled
+
     # ---- the run ---------------------------------------------------------------------------------
     def run(self, progress_callback: Callable[[Progress], None] | None = None) -> TrainResult:
         if self._started:
             raise RuntimeError("a Trainer runs once; make a new one (with resume=...) to continue")
         self._started = True
-        self._progress = progress_callback or (lambda p: None)
+        self._progress = (progress_callback if self.dist.main else None) or (lambda p: None)
         unet = self.bundle.unet
         param = next(unet.parameters())
         self.device, self.unet_dtype = param.device, param.dtype
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), frozen(self.bundle.sd_model):
             self._prepare()
-            if self._caching_cancelled:
+            if self.dist.any(self._caching_cancelled):
                 self._emit("cancelled", message="cancelled while caching latents; nothing was trained")
                 return self._result(None, None, True)
             self.network.attach()
@@ -191,6 +207,7 @@ class Trainer:
         cfg = self.cfg
         state = self._read_state(cfg.resume) if cfg.resume else None
         self.seed = state["seed"] if state else (cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1))
+        self.seed = self.dist.broadcast_int(self.seed)
         if state and cfg.seed is not None and cfg.seed != self.seed:
             self._warn(f"resuming with the saved seed {self.seed}, not seed={cfg.seed}")
         torch.manual_seed(self.seed)
@@ -210,7 +227,8 @@ class Trainer:
                                 "start from a file trained for this model family with the same network_algo")
             self.log(f"started from {n} tensors of {cfg.network_weights}")
         self.train_te = any(p != "unet" for p in self.network.parts.values())
-        self.steps_per_epoch = math.ceil(self.dataset.batches_per_epoch() / cfg.gradient_accumulation_steps)
+        self.micro_per_step = cfg.gradient_accumulation_steps * self.dist.world
+        self.steps_per_epoch = math.ceil(self.dataset.batches_per_epoch() / self.micro_per_step)
         self.total_steps = (cfg.max_train_epochs * self.steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps)
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         groups = self.network.param_groups(cfg.text_encoder_lr or cfg.learning_rate, cfg.unet_lr or cfg.learning_rate)
@@ -218,7 +236,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler() if cfg.mixed_precision == "fp16" and self.device.type == "cuda" else None
         self.noise = NoiseSchedule()
-        self.gen = torch.Generator().manual_seed(self.seed)
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -230,10 +247,12 @@ class Trainer:
                                  if cfg.cache_latents_to_disk else None)
         if state:
             self._load_state(cfg.resume, state)
+        self.dist.broadcast_params(list(self.network.parameters()))
         if cfg.pretrained_model_name_or_path and "ss_new_sd_model_hash" not in self.bundle.base_model_info:
             self.log(f"hashing {cfg.pretrained_model_name_or_path} for the metadata")
         self.metadata = training_metadata(
             cfg, self.dataset, family=self.network.family, optimizer=optimizer_name, num_epochs=self.total_epochs,
+            processes=self.dist.world,
             total_steps=self.total_steps, session_id=self.session_id, started_at=self.started_at, seed=self.seed,
             base_info=base_model_info(cfg, self.bundle.base_model_info))
         self.metadata.update(modelspec(cfg, self.network.family, self.started_at))
@@ -264,15 +283,16 @@ class Trainer:
     def _train(self) -> TrainResult:
         cfg = self.cfg
         rate = None
-        while self.step < self.total_steps and not self.cancelled:
+        while self.step < self.total_steps and not self._stop_requested():
             epoch = self.step // self.steps_per_epoch + 1
             batches = self.dataset.epoch_batches(self.seed, epoch)
             for s in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
-                if self.cancelled or self.step >= self.total_steps:
+                if self._stop_requested() or self.step >= self.total_steps:
                     break
                 t0 = time.perf_counter()
-                first = s * cfg.gradient_accumulation_steps
-                loss = self._optimizer_step(batches[first:first + cfg.gradient_accumulation_steps], epoch, first)
+                first = s * self.micro_per_step
+                indices = list(range(first, min(first + self.micro_per_step, len(batches))))
+                loss = self._optimizer_step(batches, epoch, indices)
                 self.step += 1
                 self.losses.append((self.step, loss))
                 dt = time.perf_counter() - t0
@@ -313,20 +333,25 @@ class Trainer:
                            list(self.val_losses), list(self.warnings))
 
     # ---- one step ----------------------------------------------------------------------------------
-    def _optimizer_step(self, micro: list[list[ImageItem]], epoch: int, first: int) -> float:
+    def _optimizer_step(self, batches: list[list[ImageItem]], epoch: int, indices: list[int]) -> float:
+        """One optimizer step over the epoch's batches ``indices`` (this process's share of them); the loss
+        is the mean over all of them, so the step does not depend on how they are split between processes."""
         self.network.train()
         total = 0.0
-        for k, batch in enumerate(micro):
-            captions, flips = self.dataset.batch_choices(batch, self.seed, epoch, first + k)
+        for b in self.dist.my_share(indices):
+            batch = batches[b]
+            captions, flips = self.dataset.batch_choices(batch, self.seed, epoch, b)
             latents = self.cache.get(batch, flips).to(self.device)
             weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
-            timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=self.gen)
-            loss = self._loss(latents, batch, captions, timesteps, self._noise_like(latents, self.gen), weights,
-                              train=True)
-            scaled = loss / len(micro)
+            gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b))
+            timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=gen)
+            loss = self._loss(latents, batch, captions, timesteps, self._noise_like(latents, gen), weights, train=True)
+            scaled = loss / len(indices)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.dist.sum_gradients(params)
+        total = self.dist.sum(total)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -338,7 +363,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro)
+        return total / len(indices)
 
     def _noise_like(self, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=gen)
@@ -374,6 +399,9 @@ class Trainer:
         items = self.dataset.validation
         if not items:
             return
+        if not self.dist.main:
+            self.dist.barrier()
+            return
         self._emit("validating", message=f"validation loss on {len(items)} images")
         self.network.eval()
         seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
@@ -393,11 +421,12 @@ class Trainer:
         warning = overfit_warning(self.val_losses, self.losses)
         if warning:
             self._warn(warning)
+        self.dist.barrier()
 
     def _sample(self, epoch: int) -> None:
         """Sample images through the caller's ``sample_fn`` (the trainer has no sampler of its own)."""
         fn, path = self.bundle.sample_fn, self.cfg.sample_prompts
-        if fn is None or not path:
+        if fn is None or not path or not self.dist.main:
             return
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
@@ -416,17 +445,20 @@ class Trainer:
         self._emit("saving", message=f"saving {stem}")
         os.makedirs(cfg.output_dir, exist_ok=True)
         path = os.path.join(cfg.output_dir, stem + ".safetensors")
+        state = os.path.join(cfg.output_dir, stem + "-state") if cfg.save_state else None
+        if not self.dist.main:
+            self.dist.barrier()
+            return path, state
         metadata = dict(self.metadata, ss_training_finished_at=str(time.time()), ss_steps=str(self.step),
                         ss_epoch=str(epoch))
         write_network(path, self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]), metadata)
         self.saved.append(path)
-        state = None
-        if cfg.save_state:
-            state = os.path.join(cfg.output_dir, stem + "-state")
+        if state:
             self._write_state(state)
         write_loss_curve(os.path.join(cfg.output_dir, cfg.output_name + "-loss.png"), self.losses, self.val_losses,
                          f"{cfg.output_name}: step {self.step}/{self.total_steps}")
         self.log(f"saved {path}")
+        self.dist.barrier()
         return path, state
 
     def _write_state(self, folder: str) -> None:
@@ -440,13 +472,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "noise_rng": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }, os.path.join(tmp, "optimizer.pt"))
         info = {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "session_id": self.session_id,
                 "training_started_at": self.started_at, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "losses": self.losses, "val_losses": self.val_losses,
+                "processes": self.dist.world,
                 "config": self.cfg.to_dict()}
         with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
             json.dump(info, f)
@@ -486,7 +518,6 @@ class Trainer:
         self.scheduler.load_state_dict(blob["scheduler"])
         if self.scaler and blob["scaler"]:
             self.scaler.load_state_dict(blob["scaler"])
-        self.gen.set_state(blob["noise_rng"])
         torch.set_rng_state(blob["torch_rng"])
         if self.device.type == "cuda" and blob["cuda_rng"] is not None:
             torch.cuda.set_rng_state(blob["cuda_rng"], self.device)
@@ -495,7 +526,10 @@ class Trainer:
         self.val_losses = [tuple(x) for x in info["val_losses"]]
         self.session_id = int(info["session_id"])
         self.started_at = float(info["training_started_at"])
-        if info["steps_per_epoch"] != self.steps_per_epoch:
+        if info.get("processes", 1) != self.dist.world:
+            self._warn(f"the saved run used {info.get('processes', 1)} processes, this one {self.dist.world}: "
+                       "steps now hold a different number of batches")
+        elif info["steps_per_epoch"] != self.steps_per_epoch:
             self._warn(f"the dataset now gives {self.steps_per_epoch} steps per epoch, the saved run had "
                        f"{info['steps_per_epoch']}: batches will not match the interrupted run")
         if self.step >= self.total_steps:

@@ -45,7 +45,7 @@ def base_model_info(cfg: TrainConfig, given: dict[str, str]) -> dict[str, str]:
 
 def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer: str, num_epochs: int,
                       total_steps: int, session_id: int, started_at: float, seed: int,
-                      base_info: dict[str, str]) -> dict[str, str]:
+                      base_info: dict[str, str], processes: int = 1) -> dict[str, str]:
     """The ss_* keys train_network.py writes for a single dreambooth-style dataset, in its value formats;
     features this trainer lacks get kohya's values for "off"."""
     w, h = cfg.resolution_wh()
@@ -107,7 +107,7 @@ def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer
         "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
         "ss_validate_every_n_steps": cfg.validate_every_n_steps,
         "ss_batch_size_per_device": cfg.train_batch_size,
-        "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
+        "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * processes,
         "ss_resolution": (w, h),
         "ss_color_aug": False,
         "ss_flip_aug": cfg.flip_aug,

@@ -3,7 +3,8 @@
 Everything here runs inside ``hold_model()``, i.e. with the WebUI's queue lock, so no generation, checkpoint
 switch or VAE change can touch the model while a run uses it. The text encoder is the WebUI's wrapper
 (``sd_hijack_clip``): its ``tokenize`` gives raw token ids, ``encode_with_transformers`` runs the CLIP modules
-(with gradients, and the *CLIP skip* setting), so text-encoder layers train too. Prompt emphasis and
+(with gradients, and the *CLIP skip* setting), so text-encoder layers train too; for SDXL both encoders of
+the conditioner, their outputs side by side and the second one's pooled output, as sgm's conditioner does. Prompt emphasis and
 textual-inversion embeddings are not applied to captions, as in kohya's trainer.
 """
 from __future__ import annotations
@@ -75,10 +76,10 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
     merged by the last job are taken out first, so training starts from the checkpoint's own weights."""
     model = shared.sd_model
     if model is None:
-        raise LoraError(None, "no checkpoint is loaded", "load an SD1.x or SD2.x checkpoint")
-    if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
-        raise LoraError(None, "training works on SD1.x and SD2.x checkpoints; the loaded one is neither",
-                        "load an SD1.x or SD2.x checkpoint")
+        raise LoraError(None, "no checkpoint is loaded", "load an SD1.x, SD2.x or SDXL checkpoint")
+    if not any(getattr(model, flag, False) for flag in ("is_sd1", "is_sd2", "is_sdxl")):
+        raise LoraError(None, "training works on SD1.x, SD2.x and SDXL checkpoints; the loaded one is none of them",
+                        "load an SD1.x, SD2.x or SDXL checkpoint")
     if lowvram.is_enabled(model):
         raise LoraError(None, "the WebUI runs with --medvram or --lowvram, which moves model parts between devices",
                         "restart the WebUI without them to train")
@@ -87,7 +88,6 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
     sha256 = info.sha256 or (info.calculate_shorthash() and info.sha256)
     cfg.pretrained_model_name_or_path = info.filename
     cfg.v_parameterization = getattr(model, "parameterization", "eps") == "v"
-    cond = model.cond_stage_model
     vae = next(model.first_stage_model.parameters())
 
     def vae_encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -95,16 +95,26 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
             posterior = model.encode_first_stage(pixels.to(vae.device, vae.dtype))
             return model.get_first_stage_encoding(posterior).float()
 
-    def tokenize(captions: list[str]) -> torch.Tensor:
-        """kohya's: start, the first 75 tokens, end, padding to 77."""
-        n = cond.chunk_length
-        rows = [[cond.id_start] + ids[:n] + [cond.id_end] + [cond.id_pad] * (n - len(ids[:n]))
-                for ids in cond.tokenize(captions)]
-        return torch.tensor(rows, dtype=torch.long)
+    if getattr(model, "is_sdxl", False):
+        encoders = list(model.conditioner.embedders[:2])
 
-    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
-        cond.hijack.fixes = None  # no textual-inversion vectors for these tokens
-        return cond.encode_with_transformers(tokens)
+        def tokenize(captions: list[str]) -> list[torch.Tensor]:
+            return [token_rows(e, captions) for e in encoders]
+
+        def encode_text(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            for e in encoders:
+                e.hijack.fixes = None
+            first, second = (e.encode_with_transformers(t) for e, t in zip(encoders, tokens))
+            return torch.cat([first, second], dim=-1), second.pooled
+    else:
+        cond = model.cond_stage_model
+
+        def tokenize(captions: list[str]) -> torch.Tensor:
+            return token_rows(cond, captions)
+
+        def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+            cond.hijack.fixes = None  # no textual-inversion vectors for these tokens
+            return cond.encode_with_transformers(tokens)
 
     return ModelBundle(
         model, vae_encode, tokenize, encode_text,
@@ -112,6 +122,14 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
         sample_fn=sampler(samples, info.title) if samples else None,
         base_model_info={"ss_sd_model_name": os.path.basename(info.filename), "ss_sd_model_hash": info.hash,
                          "ss_new_sd_model_hash": sha256 or ""})
+
+
+def token_rows(encoder, captions: list[str]) -> torch.Tensor:
+    """kohya's tokens for one WebUI text-encoder wrapper: start, the first 75 tokens, end, its padding to 77."""
+    n = encoder.chunk_length
+    rows = [[encoder.id_start] + ids[:n] + [encoder.id_end] + [encoder.id_pad] * (n - len(ids[:n]))
+            for ids in encoder.tokenize(captions)]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def sampler(options: SampleOptions, checkpoint: str) -> Callable[[list[str], int], list]:

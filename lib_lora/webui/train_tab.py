@@ -176,7 +176,8 @@ def on_ui_tabs() -> list:
     fields = {}
     with gr.Blocks(analytics_enabled=False) as ui:
         gr.Markdown(
-            "Trains a network on the **loaded checkpoint** (SD1.x / SD2.x), sharing its weights. While a run "
+            "Trains a network on the **loaded checkpoint** (SD1.x, SD2.x or SDXL: set the resolution to 1024 for "
+            "SDXL), sharing its weights. While a run "
             "holds the model, txt2img and img2img jobs wait in the WebUI's queue; afterwards the model is "
             "exactly as before. Cancel stops after the current step and saves a usable network and a "
             "resumable state. The text encoder sees captions as kohya's trainer does (no emphasis, no "
