@@ -14,7 +14,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import Adapter
 from .blocks import BlockWeights

@@ -664,3 +664,61 @@ def test_two_processes_train_like_one_with_double_accumulation(data, tmp_path, l
     assert moved > 1e-3
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+
+
+# ---- kohya's loss and noise options ------------------------------------------------------------------
+def test_zero_terminal_snr_matches_diffusers_rescale():
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                        rescale_betas_zero_snr=True)
+    ns = NoiseSchedule(zero_terminal_snr=True)
+    torch.testing.assert_close(ns.alphas_cumprod[:-1], ref.alphas_cumprod[:-1], atol=1e-6, rtol=1e-4)
+    assert float(ref.alphas_cumprod[-1]) < 1e-9 and float(ns.alphas_cumprod[-1]) == 2.0 ** -24
+    assert torch.isfinite(ns.loss_weight(torch.tensor([999]), 5.0, True, debiased=True)).all()
+
+
+def test_huber_losses_debiased_weights_and_pyramid_noise():
+    from lib_lora.train.model import elementwise_loss, pyramid_noise
+    ns = NoiseSchedule()
+    t = torch.tensor([0, 500, 999])
+    c = ns.huber_threshold(t, "snr", 0.1)
+    assert c[0] > 0.9 and c[2] < 0.11 and bool((c[:-1] > c[1:]).all())  # from ~1 at t=0 down to ~c
+    exp = ns.huber_threshold(t, "exponential", 0.1)
+    torch.testing.assert_close(exp, torch.tensor([1.0, 0.1 ** 0.5, 0.1 ** 0.999]))
+    assert torch.equal(ns.huber_threshold(t, "constant", 0.2), torch.full((3,), 0.2))
+    d = torch.tensor([1e-2, 10.0]).reshape(2, 1, 1, 1)
+    zero = torch.zeros_like(d)
+    huber = elementwise_loss(d, zero, "huber", torch.tensor([0.1, 0.1])).flatten()
+    torch.testing.assert_close(huber[0], d.flatten()[0] ** 2, rtol=1e-2, atol=0)  # quadratic near 0
+    assert abs(float(huber[1]) - 2 * 0.1 * (10.0 - 0.1)) < 1e-3  # linear far away
+    smooth = elementwise_loss(d, zero, "smooth_l1", torch.tensor([0.1, 0.1])).flatten()
+    torch.testing.assert_close(smooth, huber / 0.1)
+    assert torch.equal(elementwise_loss(d, zero, "l1", None).flatten(), d.flatten())
+    snr = ns.snr(t)
+    torch.testing.assert_close(ns.loss_weight(t, None, False, debiased=True), 1 / snr.clamp(max=1000).sqrt())
+    torch.testing.assert_close(ns.loss_weight(t, 5.0, True, debiased=True),
+                               snr.clamp(max=5) / (snr + 1) / (snr.clamp(max=1000) + 1))
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = pyramid_noise(noise, torch.Generator().manual_seed(1), 6, 0.3)
+    b = pyramid_noise(noise, torch.Generator().manual_seed(1), 6, 0.3)
+    assert torch.equal(a, b) and abs(float(a.std()) - 1.0) < 1e-5 and not torch.equal(a, noise)
+
+
+def test_caption_prefix_suffix_and_the_extra_options_train(data):
+    import random
+    cfg = TrainConfig(caption_prefix="sks style,", caption_suffix=", masterpiece", shuffle_caption=True, keep_tokens=1)
+    seen = {process_caption("cat, a, b", cfg, random.Random(n), 1) for n in range(10)}
+    assert all(s.startswith("sks style, ") and "masterpiece" in s and "cat" in s for s in seen) and len(seen) > 1
+    model = models.sd_model("sd1", seed=0)
+    cfg = config(data, output_dir=str(data / "extras"), max_train_steps=3, learning_rate=1e-2, save_state=False,
+                 caption_prefix="sks", loss_type="huber", huber_schedule="snr", multires_noise_iterations=6,
+                 multires_noise_discount=0.3, ip_noise_gamma=0.1, debiased_estimation_loss=True, zero_terminal_snr=True,
+                 v_parameterization=True, min_snr_gamma=5.0, noise_offset=0.05)
+    result = Trainer(cfg, make_bundle(model), log_fn=lambda m: None).run()
+    assert all(torch.isfinite(torch.tensor(x)) for _, x in result.losses)
+    md = lib_lora.load(result.output).metadata
+    assert (md["ss_loss_type"], md["ss_huber_schedule"], md["ss_huber_c"], md["ss_multires_noise_iterations"],
+            md["ss_multires_noise_discount"], md["ss_ip_noise_gamma"], md["ss_debiased_estimation"],
+            md["ss_zero_terminal_snr"]) == ("huber", "snr", "0.1", "6", "0.3", "0.1", "True", "True")
+    with pytest.raises(LoraError, match="option loss_type must be one of l2, l1, huber, smooth_l1"):
+        TrainConfig(loss_type="mse")

@@ -21,6 +21,8 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restart
 ALGOS = ("lora", "loha", "lokr")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -52,6 +54,8 @@ class TrainConfig:
     caption_dropout_rate: float = _opt(0.0, "chance of training an image with an empty caption")
     caption_dropout_every_n_epochs: int = _opt(0, "empty captions for every image in every n-th epoch")
     caption_tag_dropout_rate: float = _opt(0.0, "chance of dropping each non-kept tag")
+    caption_prefix: str | None = _opt(None, "text put before every caption (before shuffling, as kohya does)")
+    caption_suffix: str | None = _opt(None, "text put after every caption")
     flip_aug: bool = _opt(False, "random horizontal flips")
     prior_loss_weight: float = _opt(1.0, "loss weight of regularisation images")
     validation_split: float = _opt(0.0, "fraction of each training folder held out for validation loss")
@@ -95,6 +99,14 @@ class TrainConfig:
     seed: int | None = _opt(None, "random seed (default: a random one, recorded in the metadata)")
     noise_offset: float | None = _opt(None, "add per-channel offset noise of this strength")
     min_snr_gamma: float | None = _opt(None, "min-SNR loss weighting gamma (5 is common)")
+    multires_noise_iterations: int | None = _opt(None, "multi-resolution (pyramid) noise with this many levels (6-10)")
+    multires_noise_discount: float = _opt(0.3, "pyramid noise: strength kept per level")
+    ip_noise_gamma: float | None = _opt(None, "input perturbation noise of this strength (0.1 is common)")
+    zero_terminal_snr: bool = _opt(False, "rescale the noise schedule to zero SNR at the last timestep (v-prediction)")
+    debiased_estimation_loss: bool = _opt(False, "weight the loss by 1/sqrt(SNR)")
+    loss_type: str = _opt("l2", "loss between prediction and target", LOSS_TYPES)
+    huber_schedule: str = _opt("snr", "huber / smooth_l1: how the threshold follows the timestep", HUBER_SCHEDULES)
+    huber_c: float = _opt(0.1, "huber / smooth_l1 threshold")
     # --- output -------------------------------------------------------------------------------
     output_dir: str = _opt("output", "where network files, states and the loss curve go")
     output_name: str = _opt("last", "file name without extension")
@@ -135,6 +147,10 @@ class TrainConfig:
             _bad("network_dropout", "must be in [0, 1)")
         if self.learning_rate <= 0:
             _bad("learning_rate", "must be positive")
+        if not 0.0 < self.huber_c <= 1.0:
+            _bad("huber_c", "must be in (0, 1]")
+        if self.multires_noise_iterations is not None and self.multires_noise_iterations < 1:
+            _bad("multires_noise_iterations", "must be at least 1 (or unset)")
         if self.bucket_reso_steps < 64 or self.bucket_reso_steps % 64:
             _bad("bucket_reso_steps", "must be a multiple of 64 (the UNet halves the latent three times)")
         if self.min_bucket_reso > self.max_bucket_reso:

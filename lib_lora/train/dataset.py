@@ -318,8 +318,19 @@ class Dataset:
         return {"buckets": buckets, "mean_img_ar_error": self.mean_ar_error}
 
 
+def with_affixes(caption: str, cfg: TrainConfig) -> str:
+    """The caption with ``caption_prefix`` / ``caption_suffix``, joined by a space as kohya does."""
+    if cfg.caption_prefix:
+        caption = cfg.caption_prefix + " " + caption
+    if cfg.caption_suffix:
+        caption = caption + " " + cfg.caption_suffix
+    return caption
+
+
 def process_caption(caption: str, cfg: TrainConfig, rng: random.Random, epoch: int) -> str:
-    """kohya's caption handling: whole-caption dropout first, else tag shuffle / tag dropout after keep_tokens."""
+    """kohya's caption handling: prefix/suffix, then whole-caption dropout, else tag shuffle / tag dropout
+    after keep_tokens."""
+    caption = with_affixes(caption, cfg)
     every = cfg.caption_dropout_every_n_epochs
     dropped = rng.random() < cfg.caption_dropout_rate if cfg.caption_dropout_rate > 0 else False
     if dropped or (every > 0 and epoch % every == 0):

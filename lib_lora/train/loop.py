@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..errors import LoraError
 from ..safetensors_io import read_state_dict
 from .cache import LatentCache
 from .config import TrainConfig
-from .dataset import Dataset, ImageItem
+from .dataset import Dataset, ImageItem, with_affixes
 from .distributed import Distributed
 from .metadata import base_model_info, modelspec, training_metadata, write_network
-from .model import ModelBundle, NoiseSchedule, checkpoint_blocks, frozen, gradient_checkpointing, sdxl_vector
+from .model import (ModelBundle, NoiseSchedule, checkpoint_blocks, elementwise_loss, frozen, gradient_checkpointing,
+                    pyramid_noise, sdxl_vector)
 from .network import TrainNetwork
 from .optim import build_optimizer, build_scheduler
 from .plot import write_loss_curve
@@ -235,7 +235,10 @@ class Trainer:
         self.optimizer, optimizer_name = build_optimizer(cfg, groups)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler() if cfg.mixed_precision == "fp16" and self.device.type == "cuda" else None
-        self.noise = NoiseSchedule()
+        self.noise = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
+        if cfg.zero_terminal_snr and not cfg.v_parameterization:
+            self._warn("zero_terminal_snr with ε-prediction: the last timestep's target cannot be predicted; "
+                       "it is meant for v_parameterization")
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -345,7 +348,11 @@ class Trainer:
             weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
             gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b))
             timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=gen)
-            loss = self._loss(latents, batch, captions, timesteps, self._noise_like(latents, gen), weights, train=True)
+            noise = self._noise_like(latents, gen)
+            perturbed = None
+            if self.cfg.ip_noise_gamma:
+                perturbed = noise + self.cfg.ip_noise_gamma * torch.randn(latents.shape, generator=gen).to(self.device)
+            loss = self._loss(latents, batch, captions, timesteps, noise, weights, train=True, input_noise=perturbed)
             scaled = loss / len(indices)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
@@ -369,11 +376,15 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=gen)
         if self.cfg.noise_offset:
             noise = noise + self.cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        if self.cfg.multires_noise_iterations:
+            noise = pyramid_noise(noise, gen, self.cfg.multires_noise_iterations, self.cfg.multires_noise_discount)
         return noise.to(self.device)
 
     def _loss(self, latents: torch.Tensor, items: list[ImageItem], captions: list[str], timesteps: torch.Tensor,
-              noise: torch.Tensor, weights: torch.Tensor, train: bool) -> torch.Tensor:
-        """The weighted mean MSE of the UNet's prediction (ε or v) for these latents, noise and timesteps."""
+              noise: torch.Tensor, weights: torch.Tensor, train: bool,
+              input_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted mean loss of the UNet's prediction (ε or v) for these latents, noise and timesteps;
+        ``input_noise`` (input perturbation) replaces the noise in the UNet's input only."""
         cfg = self.cfg
         tokens = _to_device(self.bundle.tokenize(captions), self.device)
         with autocast(self.device, cfg.mixed_precision):
@@ -383,12 +394,15 @@ class Trainer:
             if isinstance(cond, tuple):
                 cond, pooled = cond
                 extra["y"] = sdxl_vector(pooled, _size_conditions(items)).to(self.unet_dtype)
-            noisy = self.noise.add_noise(latents, noise, timesteps)
+            noisy = self.noise.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
             pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), cond.to(self.unet_dtype),
                                     **extra)
         target = self.noise.velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
-        snr_weight = self.noise.loss_weight(timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
+        huber_c = (self.noise.huber_threshold(timesteps, cfg.huber_schedule, cfg.huber_c)
+                   if cfg.loss_type in ("huber", "smooth_l1") else None)
+        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=(1, 2, 3)) * weights
+        snr_weight = self.noise.loss_weight(timesteps, cfg.min_snr_gamma, cfg.v_parameterization,
+                                            cfg.debiased_estimation_loss)
         if snr_weight is not None:
             loss = loss * snr_weight.to(loss.device)
         return loss.mean()
@@ -413,8 +427,8 @@ class Trainer:
                 latent = self.cache.get([item], [False]).to(self.device).expand(len(t), -1, -1, -1)
                 noise = self._noise_like(latent, gen)
                 ones = torch.ones(len(t), device=self.device)
-                total += float(self._loss(latent, [item] * len(t), [item.caption] * len(t), t, noise, ones,
-                                          train=False))
+                caption = with_affixes(item.caption, self.cfg)
+                total += float(self._loss(latent, [item] * len(t), [caption] * len(t), t, noise, ones, train=False))
         value = total / len(items)
         self.val_losses.append((self.step, value))
         self.log(f"step {self.step}: validation loss {value:.5f}")

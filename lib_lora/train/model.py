@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -77,12 +78,23 @@ def sdxl_vector(pooled: Tensor, sizes: Tensor) -> Tensor:
 
 
 class NoiseSchedule:
-    """SD's DDPM training schedule: scaled_linear betas 0.00085..0.012 over 1000 steps (diffusers' float32 maths)."""
+    """SD's DDPM training schedule: scaled_linear betas 0.00085..0.012 over 1000 steps (diffusers' float32 maths).
 
-    def __init__(self, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    ``zero_terminal_snr`` rescales it so the last timestep is pure noise (Lin et al. 2023, kohya's
+    ``fix_noise_scheduler_betas_for_zero_terminal_snr``); that last ᾱ is then 2⁻²⁴ rather than 0, as in
+    diffusers' schedulers, so SNR-based weights stay finite.
+    """
+
+    def __init__(self, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 zero_terminal_snr: bool = False):
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
         self.steps = steps
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_terminal_snr:
+            root = self.alphas_cumprod.sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            self.alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+            self.alphas_cumprod[-1] = 2.0 ** -24
 
     def _coef(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         ac = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
@@ -101,13 +113,58 @@ class NoiseSchedule:
         ac = self.alphas_cumprod[t.cpu()]
         return ac / (1.0 - ac)
 
-    def loss_weight(self, t: Tensor, min_snr_gamma: float | None, v_prediction: bool) -> Tensor | None:
-        """kohya's ``apply_snr_weight``: min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) (v-prediction)."""
-        if not min_snr_gamma:
-            return None
+    def loss_weight(self, t: Tensor, min_snr_gamma: float | None, v_prediction: bool,
+                    debiased: bool = False) -> Tensor | None:
+        """kohya's ``apply_snr_weight``: min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) (v-prediction);
+        times ``apply_debiased_estimation``'s 1/√SNR (ε) or 1/(SNR+1) (v), SNR capped at 1000."""
+        weight = None
         snr = self.snr(t)
-        clipped = torch.clamp(snr, max=min_snr_gamma)
-        return clipped / (snr + 1.0) if v_prediction else clipped / snr
+        if min_snr_gamma:
+            clipped = torch.clamp(snr, max=min_snr_gamma)
+            weight = clipped / (snr + 1.0) if v_prediction else clipped / snr
+        if debiased:
+            capped = torch.clamp(snr, max=1000.0)
+            debias = 1.0 / (capped + 1.0) if v_prediction else 1.0 / capped.sqrt()
+            weight = debias if weight is None else weight * debias
+        return weight
+
+    def huber_threshold(self, t: Tensor, schedule: str, c: float) -> Tensor:
+        """kohya's ``get_huber_threshold_if_needed``: constant c, exponential decay from 1 to c over the
+        timesteps, or (1 − c)/(1 + σ)² + c with σ = √((1 − ᾱ)/ᾱ) (``snr``)."""
+        if schedule == "constant":
+            return torch.full(t.shape, c)
+        if schedule == "exponential":
+            return torch.exp(math.log(c) / self.steps * t.float())
+        ac = self.alphas_cumprod[t.cpu()]
+        sigma = ((1.0 - ac) / ac).sqrt()
+        return (1.0 - c) / (1.0 + sigma) ** 2 + c
+
+
+def elementwise_loss(pred: Tensor, target: Tensor, loss_type: str, huber_c: Tensor | None) -> Tensor:
+    """kohya's ``conditional_loss`` without reduction: l2, l1, pseudo-Huber 2c(√(d² + c²) − c), or smooth_l1
+    2(√(d² + c²) − c), with one c per sample."""
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = huber_c.to(pred.device, pred.dtype).reshape(-1, *[1] * (pred.dim() - 1))
+    root = torch.sqrt((pred - target) ** 2 + c ** 2) - c
+    return 2 * c * root if loss_type == "huber" else 2 * root
+
+
+def pyramid_noise(noise: Tensor, gen: torch.Generator, iterations: int, discount: float) -> Tensor:
+    """kohya's ``pyramid_noise_like`` (multi-resolution noise), drawn from ``gen``: noise at scales shrinking
+    by a random factor in [2, 4) per level, upsampled, weighted discount^level, then normalised to unit std."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=gen)) * 2 + 2
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn((b, c, hn, wn), generator=gen)
+        out += F.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
 
 
 def checkpoint_blocks(bundle: ModelBundle) -> list[nn.Module]:
