@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import mimetypes
 import os
 import pathlib
+import re
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 
@@ -43,6 +46,21 @@ def lora_dir(tmp_path_factory):
     return d
 
 
+def tiny_sdxl_checkpoint(bed: str) -> pathlib.Path:
+    """tests/webui/tiny_sdxl.py's checkpoint, built with the bed's Python once per version of that script."""
+    script = pathlib.Path(__file__).with_name("tiny_sdxl.py")
+    out = pathlib.Path.home() / ".cache" / "sd-webui-lora" / f"tiny-sdxl-{hashlib.sha256(script.read_bytes()).hexdigest()[:12]}"
+    ckpt = out / "tiny-sdxl.safetensors"
+    if not ckpt.exists():
+        snapshot = next(pathlib.Path(bed, "hf-home", "hub", "models--openai--clip-vit-large-patch14", "snapshots").iterdir())
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+        run = subprocess.run([str(pathlib.Path(bed, "venv", "bin", "python")), str(script), str(out),
+                              str(pathlib.Path(bed, "webui")), str(snapshot)], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert run.returncode == 0 and ckpt.exists(), run.stderr[-3000:]
+    return ckpt
+
+
 class Server:
     """One WebUI at a time on the bed, restarted only when a test needs another configuration."""
 
@@ -50,15 +68,18 @@ class Server:
         self.bed, self.lora_dir, self.config, self.client = bed, lora_dir, None, None
 
     def ensure(self, config: str) -> "Client":
-        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only)."""
+        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only), "sdxl"
+        (ours, on tiny_sdxl.py's SDXL checkpoint)."""
         if config == self.config:
             return self.client
         args = ["--port", "0", "--replace", "--reset-config"]
         if config != "builtin":
             args += ["--ext", f"sd-webui-lora={ROOT}"]
-        if config == "ours":
+        if config in ("ours", "sdxl"):
             args.append("--no-builtin-lora")
         args += ["--", "--lora-dir", str(self.lora_dir)]
+        if config == "sdxl":
+            args += ["--ckpt", str(tiny_sdxl_checkpoint(self.bed))]
         out = subprocess.run([str(TB / "start.sh"), self.bed, *args], stdout=subprocess.PIPE, text=True, timeout=900)
         if out.returncode != 0:
             log = pathlib.Path(self.bed, "webui.log")
@@ -66,6 +87,8 @@ class Server:
             pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
         self.config = config
         self.client = Client(out.stdout.strip().splitlines()[-1], self.bed)
+        if config == "sdxl":  # the live-preview approximation of SDXL latents would be downloaded
+            assert self.client.call("POST", "/sdapi/v1/options", {"live_previews_enable": False})[0] == 200
         return self.client
 
     def stop(self) -> None:
@@ -158,3 +181,29 @@ def _serve_static(route, webui: pathlib.Path) -> None:
         route.fulfill(response=response)
         return
     route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")
+
+
+# ---- the Train LoRA tab's form --------------------------------------------------------------------------
+def field(tab, name: str):
+    return tab.locator(f"#sdlora_train_{name}").locator("input, textarea").first
+
+
+def fill(tab, name: str, value) -> None:
+    box = field(tab, name)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def status(tab) -> str:
+    return field(tab, "status").input_value()
+
+
+def wait_status(tab, pattern: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = status(tab)
+        if re.search(pattern, text):
+            return text
+        assert not text.startswith("Failed"), f"{text}\n{field(tab, 'log').input_value()}"
+        time.sleep(0.3)
+    pytest.fail(f"no status matching {pattern!r}; last: {status(tab)!r}\n{field(tab, 'log').input_value()}")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pathlib
 import re
 import threading
-import time
 
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page
+from conftest import ARTIFACTS, browser_page, field, fill, wait_status
 
 
 
@@ -38,31 +37,6 @@ def dataset(tmp_path_factory) -> pathlib.Path:
         im.save(folder / f"img{n}.png")
         (folder / f"img{n}.txt").write_text(f"cat, color{n}")
     return root
-
-
-def field(tab, name: str):
-    return tab.locator(f"#sdlora_train_{name}").locator("input, textarea").first
-
-
-def fill(tab, name: str, value) -> None:
-    box = field(tab, name)
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def status(tab) -> str:
-    return field(tab, "status").input_value()
-
-
-def wait_status(tab, pattern: str, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = status(tab)
-        if re.search(pattern, text):
-            return text
-        assert not text.startswith("Failed"), f"{text}\n{field(tab, 'log').input_value()}"
-        time.sleep(0.3)
-    pytest.fail(f"no status matching {pattern!r}; last: {status(tab)!r}\n{field(tab, 'log').input_value()}")
 
 
 def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_dir):
