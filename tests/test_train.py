@@ -23,7 +23,7 @@ from helpers import te_out, unet_out
 from lib_lora import hashes
 from lib_lora.errors import LoraError
 from lib_lora.safetensors_io import load_safetensors
-from lib_lora.train import ModelBundle, Progress, TrainConfig, Trainer
+from lib_lora.train import ModelBundle, Progress, SamplePrompt, TrainConfig, Trainer
 from lib_lora.train.cache import LatentCache
 from lib_lora.train.config import from_args
 from lib_lora.train.dataset import Buckets, Dataset, bucket_resolutions, process_caption
@@ -107,7 +107,7 @@ def config(data, **kw) -> TrainConfig:
 def trained(base, data):
     """One 24-step run shared by the loss, reproduction, metadata, cache and curve tests."""
     prompts = data / "prompts.txt"
-    prompts.write_text("a cat\n# comment\nanother cat\n")
+    prompts.write_text("a cat\n# comment\nanother cat --n ugly, blurry --w 517 --h 768 --s 5000 --l 6.5 --d 42 --ss euler_a\n")
     cfg = config(data, max_train_steps=24, learning_rate=1e-2, network_alpha=4.0, validation_split=0.25,
                  validate_every_n_steps=8, save_every_n_epochs=1, shuffle_caption=True, keep_tokens=1,
                  flip_aug=True, cache_latents_to_disk=True, pretrained_model_name_or_path=str(data / "base.ckpt"),
@@ -219,7 +219,11 @@ def test_saves_curve_samples_and_disk_cache(trained, data):
     lib_lora.load(os.path.join(out, "cat-000001.safetensors"))
     with Image.open(os.path.join(out, "cat-loss.png")) as im:
         assert im.size == (900, 420)
-    assert trained["samples"] == [(["a cat", "another cat"], 15)]  # epoch 2 is unfinished at step 24
+    assert [([p.prompt for p in ps], step) for ps, step in trained["samples"]] == [(["a cat", "another cat"], 15)]
+    plain, options = trained["samples"][0][0]  # epoch 2 is unfinished at step 24
+    assert plain == SamplePrompt("a cat")
+    assert options == SamplePrompt("another cat", negative_prompt="ugly, blurry", width=512, height=768, steps=1000,
+                                   cfg_scale=6.5, seed=42, sampler="euler_a")
     assert sorted(os.listdir(os.path.join(out, "sample")))[0] == "cat_000015_00.png"
     # the disk cache is reused by a later run with the same settings, and keyed by the VAE
     d = Dataset(cfg, cfg.seed)

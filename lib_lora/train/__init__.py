@@ -5,5 +5,6 @@
 from .config import TrainConfig
 from .loop import Progress, Trainer, TrainResult
 from .model import ModelBundle
+from .samples import SamplePrompt
 
-__all__ = ["ModelBundle", "Progress", "TrainConfig", "TrainResult", "Trainer"]
+__all__ = ["ModelBundle", "Progress", "SamplePrompt", "TrainConfig", "TrainResult", "Trainer"]

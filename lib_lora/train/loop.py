@@ -35,6 +35,7 @@ from .model import (ModelBundle, NoiseSchedule, checkpoint_blocks, elementwise_l
 from .network import TrainNetwork
 from .optim import build_optimizer, build_scheduler
 from .plot import write_loss_curve
+from .samples import read_prompts
 
 log = logging.getLogger("sd-webui-lora")
 
@@ -442,8 +443,7 @@ class Trainer:
         fn, path = self.bundle.sample_fn, self.cfg.sample_prompts
         if fn is None or not path or not self.dist.main:
             return
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        prompts = read_prompts(path)
         self._emit("sampling", epoch=epoch, message=f"{len(prompts)} sample images")
         self.network.eval()
         with torch.no_grad():

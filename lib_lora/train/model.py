@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LoraError
+from .samples import SamplePrompt
 
 Tensor = torch.Tensor
 
@@ -31,7 +32,8 @@ class ModelBundle:
     output (the trainer adds the size conditioning), must run the text encoder modules inside ``sd_model``
     (so text-encoder layers can be trained).
     ``vae_id`` names the VAE for the latent cache key (e.g. the checkpoint's sha256 and the VAE file name).
-    ``sample_fn(prompts, step) -> images`` optionally renders sample images with the network active.
+    ``sample_fn(prompts: list[SamplePrompt], step) -> images`` optionally renders sample images with the network
+    active (each prompt with kohya's per-line options: size, steps, CFG scale, seed, negative prompt).
     ``base_model_info`` overrides metadata about the base checkpoint (``ss_sd_model_name``, ``ss_sd_model_hash``,
     ``ss_new_sd_model_hash``), e.g. from hashes the WebUI already knows.
     """
@@ -41,7 +43,7 @@ class ModelBundle:
     tokenize: Callable[[list[str]], Tensor]
     encode_text: Callable[[Tensor], Tensor]
     vae_id: str
-    sample_fn: Callable[[list[str], int], list] | None = None
+    sample_fn: Callable[[list[SamplePrompt], int], list] | None = None
     base_model_info: dict[str, str] = field(default_factory=dict)
 
     @property

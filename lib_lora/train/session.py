@@ -17,6 +17,7 @@ from ..errors import LoraError
 from .config import TrainConfig
 from .loop import Progress, Trainer, TrainResult, progress_line
 from .model import ModelBundle
+from .samples import SamplePrompt
 
 log = logging.getLogger("sd-webui-lora")
 
@@ -144,11 +145,12 @@ class Session:
         with self._lock:
             self._log.append(time.strftime("%H:%M:%S ") + message)
 
-    def _recording(self, sample_fn: Callable[[list[str], int], list]) -> Callable[[list[str], int], list]:
-        def sample(prompts: list[str], step: int) -> list:
+    def _recording(self, sample_fn: Callable[[list[SamplePrompt], int], list]
+                   ) -> Callable[[list[SamplePrompt], int], list]:
+        def sample(prompts: list[SamplePrompt], step: int) -> list:
             images = sample_fn(prompts, step)
             with self._lock:
-                self._samples.extend((img, f"step {step}: {prompt}") for img, prompt in zip(images, prompts))
+                self._samples.extend((img, f"step {step}: {p.prompt}") for img, p in zip(images, prompts))
                 self._sample_count += len(images)
             return images
         return sample

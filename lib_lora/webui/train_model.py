@@ -19,7 +19,7 @@ import torch
 from modules import call_queue, devices, lowvram, processing, sd_hijack, sd_vae, shared
 
 from ..errors import LoraError
-from ..train import ModelBundle, TrainConfig
+from ..train import ModelBundle, SamplePrompt, TrainConfig
 from . import glue
 
 
@@ -132,19 +132,36 @@ def token_rows(encoder, captions: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def sampler(options: SampleOptions, checkpoint: str) -> Callable[[list[str], int], list]:
+# kohya's --ss sampler names → the WebUI's
+SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "plms": "PLMS", "lms": "LMS", "k_lms": "LMS", "euler": "Euler",
+            "k_euler": "Euler", "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "k_heun": "Heun",
+            "dpm_2": "DPM2", "k_dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a",
+            "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2M", "dpmsolver": "DPM++ 2M"}
+
+
+def sampler(options: SampleOptions, checkpoint: str) -> Callable[[list[SamplePrompt], int], list]:
     """Sample images through the WebUI's txt2img (no scripts), pinned to the checkpoint being trained so a
-    checkpoint switch chosen meanwhile waits for the run; one seed per prompt, the same at every step."""
-    def sample(prompts: list[str], step: int) -> list:
-        forget_conds()
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=shared.sd_model, prompt=prompts, seed=options.seed, steps=options.steps, width=options.width,
-            height=options.height, cfg_scale=options.cfg_scale, sampler_name=options.sampler_name, n_iter=len(prompts),
-            batch_size=1, do_not_save_samples=True, do_not_save_grid=True,
+    checkpoint switch chosen meanwhile waits for the run. A prompt's own options (size, steps, CFG, seed,
+    negative prompt, sampler) win over the tab's; the seed is the same at every step, so samples compare."""
+    def one(sample: SamplePrompt):
+        name = SAMPLERS.get((sample.sampler or "").lower(), sample.sampler) or options.sampler_name
+        return processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=sample.prompt, negative_prompt=sample.negative_prompt,
+            seed=options.seed if sample.seed is None else sample.seed, steps=sample.steps or options.steps,
+            width=sample.width or options.width, height=sample.height or options.height,
+            cfg_scale=options.cfg_scale if sample.cfg_scale is None else sample.cfg_scale, sampler_name=name,
+            n_iter=1, batch_size=1, do_not_save_samples=True, do_not_save_grid=True,
             override_settings={"sd_model_checkpoint": checkpoint})
-        try:
-            return processing.process_images(p).images[:len(prompts)]
-        finally:
-            p.close()
+
+    def sample(prompts: list[SamplePrompt], step: int) -> list:
+        images = []
+        for prompt in prompts:
             forget_conds()
+            p = one(prompt)
+            try:
+                images += processing.process_images(p).images[:1]
+            finally:
+                p.close()
+                forget_conds()
+        return images
     return sample

@@ -208,7 +208,9 @@ def on_ui_tabs() -> list:
                                                         elem_id="sdlora_train_sample_seed")
                             prompts = gr.Textbox(label="Sample prompts", lines=3, info="one per line; "
                                                  "rendered with txt2img (Euler a, CFG 7) at the training "
-                                                 "resolution", elem_id="sdlora_train_sample_prompts")
+                                                 "resolution unless the line says otherwise with kohya's "
+                                                 "options: --n negative --w 512 --h 768 --s 20 --l 7 --d 1 "
+                                                 "--ss euler_a", elem_id="sdlora_train_sample_prompts")
             with gr.Column(scale=2):
                 with gr.Row():
                     button_start = gr.Button("Start", variant="primary", elem_id="sdlora_train_start")

@@ -60,7 +60,7 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
     for name, value in {"train_data_dir": dataset / "img", "resolution": 64, "min_bucket_reso": 64, "network_dim": 4,
                         "network_alpha": 2, "max_train_steps": 4, "train_batch_size": 1, "seed": 1,
                         "output_dir": out, "output_name": "tabcat", "sample_every_n_steps": 2,
-                        "sample_prompts": "a cat", "sample_steps": 2}.items():
+                        "sample_prompts": "a cat --w 128 --d 5", "sample_steps": 2}.items():
         fill(tab, name, value)
     tab.locator("#sdlora_train_start").click()
     assert re.search(r"epoch 1/1 loss [\d.]+ avg [\d.]+ lr \S+ [\d.]+ it/s ETA", wait_status(tab, r"^steps 1/4"))
@@ -99,6 +99,7 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
     assert tab.locator("#sdlora_train_samples img").count() >= 1  # samples at steps 2 and 4
     samples = sorted(p.name for p in (out / "sample").glob("tabcat_*.png"))
     assert samples == ["tabcat_000002_00.png", "tabcat_000004_00.png"]
+    assert Image.open(out / "sample" / samples[0]).size == (128, 64)  # the line's --w, the tab's height
 
     again, _ = webui.txt2img("a cat", seed=3)
     assert again == plain, "the model is not as it was before training"
