@@ -71,6 +71,14 @@ class LoRAModule(nn.Module):
             h = F.dropout(h, self.dropout)
         return self.lora_up(h) * self.scale
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + forward(x)`` with the scale and the sum in one in-place pass over the layer's output (safe:
+        no layer kohya trains keeps its output for its own backward)."""
+        h = self.lora_down(x)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        return out.add_(self.lora_up(h).to(out.dtype), alpha=self.scale)
+
 
 class LoHaModule(nn.Module):
     """LyCORIS LoHa: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/rank, applied as an extra layer call with ΔW."""
@@ -302,6 +310,8 @@ def _hook(lora: nn.Module):
     dtype = next(iter(lora.parameters())).dtype
 
     def hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if isinstance(lora, LoRAModule):
+            return lora.add_to(out, args[0].to(dtype))
         return out + lora(args[0].to(dtype)).to(out.dtype)
 
     return hook
