@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraError
-from ..keymap import FAMILY_NAMES, split_key, target_for, unet_path
+from ..keymap import FAMILY_NAMES, kohya_name, split_key, target_for
 from ..mha import mha_forward
 from ..model_index import ModelIndex, checkpoint_name
 from .config import TrainConfig
@@ -26,11 +25,6 @@ from .config import TrainConfig
 UNET_ATTN = ("SpatialTransformer", "Transformer2DModel")
 UNET_CONV = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "ResidualAttentionBlock")
-_OPEN_CLIP_TO_HF = (("transformer_resblocks_", "text_model_encoder_layers_"), ("_attn_", "_self_attn_"),
-                    ("_mlp_c_fc", "_mlp_fc1"), ("_mlp_c_proj", "_mlp_fc2"))
-TE_PREFIXES = {"sdxl": {"te": "lora_te1_", "te2": "lora_te2_"}}
-_RESNET_TO_DIFFUSERS = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
-                        "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
 
 
 # ---- the trainable modules -----------------------------------------------------------------------
@@ -156,52 +150,6 @@ class LoKrModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _apply_weight(self._org[0], x, self.delta())
         return F.dropout(out, self.dropout) if self.dropout and self.training else out
-
-
-# ---- naming --------------------------------------------------------------------------------------
-def diffusers_unet_name(path: str) -> str | None:
-    """SD1/SD2 compvis UNet name → the diffusers name kohya writes (None for layers kohya never trains)."""
-    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", path)
-    if m and int(m[1]) > 0:
-        level, idx = divmod(int(m[1]) - 1, 3)
-        if idx == 2:
-            return f"down_blocks_{level}_downsamplers_0_conv" if m[3] == "op" else None
-        if m[2] == "0":
-            return f"down_blocks_{level}_resnets_{idx}_{_resnet_suffix(m[3])}"
-        return f"down_blocks_{level}_attentions_{idx}_{m[3]}"
-    m = re.fullmatch(r"middle_block_(\d)_(.+)", path)
-    if m:
-        if m[1] == "1":
-            return f"mid_block_attentions_0_{m[2]}"
-        return f"mid_block_resnets_{int(m[1]) // 2}_{_resnet_suffix(m[2])}"
-    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", path)
-    if m:
-        level, idx = divmod(int(m[1]), 3)
-        if m[3] == "conv" and m[2] != "0":
-            return f"up_blocks_{level}_upsamplers_0_conv"
-        if m[2] == "0":
-            return f"up_blocks_{level}_resnets_{idx}_{_resnet_suffix(m[3])}"
-        return f"up_blocks_{level}_attentions_{idx}_{m[3]}"
-    return None
-
-
-def _resnet_suffix(rest: str) -> str:
-    for name, new in _RESNET_TO_DIFFUSERS.items():
-        if rest == name or rest.startswith(name + "_"):
-            return new + rest[len(name):]
-    return rest
-
-
-def kohya_name(part: str, path: str, open_clip: bool, family: str) -> str:
-    """The kohya module name of a target: diffusers names for the SD1/SD2 UNet (SDXL keeps the checkpoint's),
-    HF CLIP names for every text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two."""
-    if part == "unet":
-        d = diffusers_unet_name(path) if family != "sdxl" else None
-        return "lora_unet_" + (d if d and unet_path(d, family) == path else path)
-    if open_clip:
-        for a, b in _OPEN_CLIP_TO_HF:
-            path = path.replace(a, b)
-    return TE_PREFIXES.get(family, {}).get(part, "lora_te_") + path
 
 
 # ---- the network ---------------------------------------------------------------------------------
