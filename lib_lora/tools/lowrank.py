@@ -1,0 +1,160 @@
+"""Weight deltas → kohya LoRA/LoCon modules by truncated SVD, with kohya's rank rules (a fixed rank, or
+``sv_ratio`` / ``sv_fro`` / ``sv_cumulative`` per module, capped at the rank)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import LoraError
+from ..keymap import Target, kohya_name
+from ..model_index import ModelIndex
+from ..train.metadata import write_network
+
+DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RankRule:
+    """``rank`` for linear and 1x1 layers, ``conv_rank`` for larger kernels (default: ``rank``); with
+    ``dynamic`` each module keeps what that rule asks for, at most its rank."""
+
+    rank: int
+    conv_rank: int | None = None
+    dynamic: str | None = None
+    dynamic_param: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 0):
+            raise LoraError(None, "rank must be at least 1 (conv rank 0 leaves 3x3 convs out)", "choose another rank")
+        if self.dynamic is not None:
+            if self.dynamic not in DYNAMIC:
+                raise LoraError(None, f"dynamic method {self.dynamic!r} is unknown", f"use one of {', '.join(DYNAMIC)}")
+            p = self.dynamic_param
+            if p is None or p <= 0 or (self.dynamic != "sv_ratio" and p > 1):
+                raise LoraError(None, f"{self.dynamic} needs a parameter: a ratio > 0 for sv_ratio, a fraction in "
+                                "(0, 1] for sv_fro and sv_cumulative", "e.g. --dynamic sv_fro --dynamic-param 0.9")
+
+    def rank_for(self, s: torch.Tensor, big_kernel: bool) -> int:
+        """The rank kept for singular values ``s`` (descending): kohya resize_lora.py's rules."""
+        cap = min(self.conv_rank if big_kernel and self.conv_rank is not None else self.rank, len(s))
+        if self.dynamic is None or cap == 0:
+            return cap
+        p = float(self.dynamic_param)
+        if self.dynamic == "sv_ratio":
+            keep = int((s >= s[0] / p).sum())
+        elif self.dynamic == "sv_cumulative":
+            keep = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor(p))) + 1
+        else:
+            energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+            keep = int(torch.searchsorted(energy, torch.tensor(p ** 2))) + 1
+        return max(1, min(cap, keep))
+
+
+@dataclass
+class ToolResult:
+    """A network as kohya tensors and metadata, and what happened per module."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    ranks: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, float] = field(default_factory=dict)  # Frobenius fraction of each delta the file keeps
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.ranks:
+            return "no modules"
+        ranks, kept = sorted(self.ranks.values()), sorted(self.kept.values())
+        return (f"{len(self.ranks)} modules, rank {ranks[0]}..{ranks[-1]}, delta kept (Frobenius) min {kept[0]:.4f} "
+                f"mean {sum(kept) / len(kept):.4f}" + (f"; {len(self.skipped)} skipped" if self.skipped else ""))
+
+
+def factorize(delta: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(up, down, kept fraction) with up·down = the best rank-r approximation of ``delta`` (shaped like the
+    weight: [out, in] or [out, in, kh, kw]); the singular values are split evenly between the two factors
+    so neither is tiny in fp16. None when the rule keeps nothing (conv rank 0)."""
+    big_kernel = delta.dim() == 4 and delta.shape[2:] != (1, 1)
+    matrix = delta.reshape(delta.shape[0], -1).float()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = rule.rank_for(s, big_kernel)
+    if r == 0:
+        return None
+    root = s[:r].sqrt()
+    up, down = u[:, :r] * root, root[:, None] * vh[:r]
+    total = float((s ** 2).sum())
+    kept = float((s[:r] ** 2).sum() / total) ** 0.5 if total > 0 else 1.0
+    if delta.dim() == 4:
+        up = up.reshape(delta.shape[0], r, 1, 1)
+        down = down.reshape(r, *delta.shape[1:])
+    return up.contiguous(), down.contiguous(), kept
+
+
+def orig_weight(index: ModelIndex, target: Target) -> tuple[torch.Tensor, nn.Module] | None:
+    """The model's weight for a target (fp32 copy; a q/k/v slice of an nn.MultiheadAttention), or None."""
+    hit = index.resolve(target)
+    if hit is None:
+        return None
+    _name, module, sub = hit
+    if isinstance(module, nn.MultiheadAttention):
+        w = module.in_proj_weight.detach()
+        e = w.shape[0] // 3
+        w = w["qkv".index(sub) * e:][:e]
+    else:
+        w = module.weight.detach()
+    return w.float(), module
+
+
+def lora_key(index: ModelIndex, target: Target) -> str:
+    path = target.path + (f"_{target.sub}_proj" if target.sub else "")
+    return kohya_name(target.part, path, index.open_clip.get(target.part, False), index.family)
+
+
+def add_module(result: ToolResult, key: str, delta: torch.Tensor, rule: RankRule, dtype: torch.dtype) -> None:
+    """One kohya module (alpha = rank, so scale 1) for ``delta``, or a note when the rule keeps nothing."""
+    if delta.dim() not in (2, 4):
+        result.skipped.append(f"{key}: a {delta.dim()}-D weight (a norm layer) has no low-rank form")
+        return
+    made = factorize(delta, rule)
+    if made is None:
+        result.skipped.append(f"{key}: conv rank 0")
+        return
+    up, down, kept = made
+    r = up.shape[1]
+    result.tensors[f"{key}.lora_up.weight"] = up.to(dtype)
+    result.tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+    result.tensors[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
+    result.ranks[key] = r
+    result.kept[key] = kept
+
+
+def lora_metadata(result: ToolResult, rule: RankRule, base: dict[str, str], family: str | None,
+                  comment: str) -> dict[str, str]:
+    """kohya's keys for a LoRA/LoCon file, over ``base`` (the source's training metadata, when there is one)."""
+    md = {k: v for k, v in base.items() if not k.startswith("sshs_")}
+    convs = any(result.tensors[k + ".lora_down.weight"].dim() == 4 and
+                result.tensors[k + ".lora_down.weight"].shape[2:] != (1, 1) for k in result.ranks)
+    rank = "Dynamic" if rule.dynamic else str(rule.rank)
+    md.update(ss_network_module="networks.lora", ss_network_dim=rank, ss_network_alpha=rank)
+    args = {"conv_dim": str(rule.conv_rank or rule.rank), "conv_alpha": str(rule.conv_rank or rule.rank)} if convs else {}
+    if args and not rule.dynamic:
+        md["ss_network_args"] = json.dumps(args)
+    else:
+        md.pop("ss_network_args", None)
+    if family:
+        md.setdefault("ss_base_model_version", {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family])
+        md["ss_v2"] = str(family == "sd2")
+    md["ss_training_comment"] = (base.get("ss_training_comment", "") + "; " if base.get("ss_training_comment")
+                                 and base["ss_training_comment"] != "None" else "") + comment
+    return md
+
+
+def save_network(path: str, result: ToolResult) -> None:
+    """The file with kohya's sshs_* hashes, written atomically (to a temp file, then renamed)."""
+    if not path.lower().endswith(".safetensors"):
+        raise LoraError(path, "output must be a .safetensors file", "choose a name ending in .safetensors")
+    if not result.tensors:
+        raise LoraError(path, "nothing to write: no module gave a low-rank delta", "check the inputs")
+    write_network(path, result.tensors, result.metadata)
