@@ -8,11 +8,12 @@ if ROOT not in sys.path:
 
 from modules import scripts  # noqa: E402
 
-from lib_lora.webui import glue, page, train_tab  # noqa: E402
+from lib_lora.webui import glue, page, tools_tab, train_tab  # noqa: E402
 
 glue.install_callbacks()
 page.install_callbacks()
 train_tab.install_callbacks()
+tools_tab.install_callbacks()
 
 
 class Script(scripts.Script):

@@ -20,7 +20,7 @@ from lib_lora.model_index import ModelIndex, checkpoint_name
 from lib_lora.tools import (RankRule, as_modules, extract, merge_into_checkpoint, merge_networks, read_checkpoint,
                             resize, save_checkpoint, save_network)
 from lib_lora.tools.extract import kohya_targets
-from lib_lora.tools.lowrank import factorize, lora_key
+from lib_lora.tools.lowrank import factorize, lora_key, singular_values
 from lib_lora.train import TrainConfig
 from lib_lora.train.network import TrainNetwork
 
@@ -68,6 +68,15 @@ def test_factorize_is_the_svd_optimum_and_rank_rules():
     torch.testing.assert_close(err, (s[4:] ** 2).sum(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(kept), ((s[:4] ** 2).sum() / (s ** 2).sum()).sqrt(), rtol=1e-5, atol=0)
     assert factorize(d, RankRule(rank=4, conv_rank=0)) is None
+    low = torch.randn(300, 6, generator=g) @ torch.randn(6, 500, generator=g)  # the randomized path
+    up, down, kept = factorize(low, RankRule(rank=8))
+    torch.testing.assert_close(up @ down, low, atol=1e-3, rtol=0)
+    assert up.shape == (300, 8) and kept > 0.99999
+    dense = torch.randn(200, 400, generator=g)
+    up, down, _ = factorize(dense, RankRule(rank=20))
+    optimum = (torch.linalg.svdvals(dense)[20:] ** 2).sum()
+    assert (dense - up @ down).norm() ** 2 <= optimum * 1.02  # within 2 % of the SVD optimum
+    torch.testing.assert_close(singular_values(dense), torch.linalg.svdvals(dense), atol=1e-3, rtol=1e-4)
     s = torch.tensor([10.0, 5.0, 1.0, 0.5, 0.1])
     assert RankRule(8, dynamic="sv_ratio", dynamic_param=10).rank_for(s, False) == 3  # s ≥ 10/10
     assert RankRule(8, dynamic="sv_cumulative", dynamic_param=0.9).rank_for(s, False) == 2  # 15/16.6 ≥ 0.9

@@ -1,0 +1,85 @@
+"""The LoRA Tools routes and tab in the real WebUI on the random SD1.5 checkpoint: resize, merge into one
+network, merge into a new checkpoint, extract from two checkpoints; each new file is listed and usable at once,
+and bad requests answer with a message without writing anything."""
+from __future__ import annotations
+
+import pathlib
+
+import lib_lora
+from conftest import ARTIFACTS, browser_page
+
+
+def post(webui, route: str, body: dict) -> tuple[int, object]:
+    return webui.call("POST", f"/lora/v1/tools/{route}", body)
+
+
+def listed(webui) -> set[str]:
+    return {n["name"] for n in webui.call("GET", "/sdapi/v1/loras")[1]}
+
+
+def test_resize_and_merge_to_networks(webui, lora_dir):
+    status, res = post(webui, "resize", {"name": "kohya_a", "rank": 2, "output": "kohya_a_r2"})
+    assert status == 200, res
+    assert res["path"] == str(lora_dir / "kohya_a_r2.safetensors") and "rank 2..2" in res["summary"]
+    assert "kohya_a_r2" in listed(webui)
+    net = lib_lora.load(res["path"])
+    assert net.rank == 2 and net.base_model == "sd1" and net.metadata["sshs_model_hash"]
+    _, info = webui.txt2img("a cat <lora:kohya_a_r2:0.5>")
+    assert "Lora errors" not in info["extra_generation_params"]
+
+    status, res = post(webui, "merge", {"networks": "<lora:kohya_a:0.5> <lora:kohya_b:0.5>", "rank": 8,
+                                        "output": "ab_merged"})
+    assert status == 200, res
+    assert lib_lora.load(res["path"]).metadata["ss_merged_from"].count('"name"') == 2
+
+    status, res = post(webui, "resize", {"name": "kohya_a", "rank": 2, "output": "kohya_a_r2"})
+    assert status == 400 and "already exists" in res, res
+    status, res = post(webui, "resize", {"name": "kohya_a", "rank": 2, "output": "../escape"})
+    assert status == 400 and "not a plain file name" in res, res
+    status, res = post(webui, "merge", {"networks": "xl_only:1", "output": "wrong_family"})
+    assert status == 400 and "made for SDXL" in res, res
+    assert not (lora_dir / "wrong_family.safetensors").exists() and not pathlib.Path("escape.safetensors").exists()
+
+
+def test_merge_into_checkpoint_then_extract(webui, lora_dir):
+    status, res = post(webui, "merge", {"networks": "kohya_a:0.8", "into_checkpoint": True, "output": "sd15_kohya_a"})
+    assert status == 200, res
+    ckpt = pathlib.Path(res["path"])
+    assert ckpt.parent.name == "Stable-diffusion" and ckpt.exists()
+    try:
+        titles = [m["title"] for m in webui.call("GET", "/sdapi/v1/sd-models")[1]]
+        assert any(t.startswith("sd15_kohya_a") for t in titles), titles
+        status, res = post(webui, "extract", {"base": "random-sd15", "tuned": "sd15_kohya_a", "rank": 8,
+                                              "min_diff": 1e-4, "output": "extracted_a"})
+        assert status == 200, res
+        net = lib_lora.load(res["path"])
+        assert {t.part for t in net.modules} == {"unet", "te"} and net.metadata["ss_network_dim"] == "8"
+        _, info = webui.txt2img("a cat <lora:extracted_a:0.5>")
+        assert "Lora errors" not in info["extra_generation_params"]
+    finally:
+        ckpt.unlink(missing_ok=True)
+        webui.call("POST", "/sdapi/v1/refresh-checkpoints")
+
+
+def test_tools_tab_resizes(webui, lora_dir):
+    with browser_page(webui) as page:
+        page.goto(webui.url)
+        page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
+        page.locator("#tabs > .tab-nav > button", has_text="LoRA Tools").click()
+        page.wait_for_selector("#sdlora_tools_resize_go", state="visible")
+        name = page.locator("#sdlora_tools_resize_name input")
+        name.fill("kohya_b")
+        name.press("Enter")
+        rank = page.locator("#sdlora_tools_resize_rank input")
+        rank.fill("3")
+        rank.press("Tab")
+        out = page.locator("#sdlora_tools_resize_output textarea")
+        out.fill("kohya_b_tab")
+        out.press("Tab")
+        page.locator("#sdlora_tools_resize_go").click()
+        page.wait_for_function("document.querySelector('#sdlora_tools_resize_result textarea').value.startsWith('Saved')",
+                               timeout=120_000)
+        text = page.locator("#sdlora_tools_resize_result textarea").input_value()
+        page.screenshot(path=str(ARTIFACTS / "tools_tab.png"), full_page=True)
+    assert text.startswith(f"Saved {lora_dir / 'kohya_b_tab.safetensors'}: "), text
+    assert lib_lora.load(str(lora_dir / "kohya_b_tab.safetensors")).rank == 3
