@@ -604,6 +604,7 @@ def test_sdxl_two_text_encoders_size_conditioning_and_kohya_names(data):
         "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False")
     assert all(not m.__dict__.get("forward") for m in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(sdxl_outputs(model), base)), "the model must be given back untouched"
+    assert any("SDXL was trained at 1024x1024" in w for w in trainer.warnings)
     trainer.network.eval()
     trainer.network.attach()
     try:
@@ -726,3 +727,24 @@ def test_caption_prefix_suffix_and_the_extra_options_train(data):
             md["ss_zero_terminal_snr"]) == ("huber", "snr", "0.1", "6", "0.3", "0.1", "True", "True")
     with pytest.raises(LoraError, match="option loss_type must be one of l2, l1, huber, smooth_l1"):
         TrainConfig(loss_type="mse")
+
+
+def test_random_crop_draws_crops_inside_the_image_and_needs_no_cache(data, base):
+    with pytest.raises(LoraError, match="random_crop needs cache_latents and cache_latents_to_disk off"):
+        config(data, random_crop=True)
+    cfg = config(data, random_crop=True, cache_latents=False, max_train_steps=2, learning_rate=1e-2,
+                 output_dir=str(data / "crop"), save_state=False)
+    ds = Dataset(cfg, 1)
+    tall = [i for i in ds.train_items() if i.resized[1] > i.bucket[1]]
+    assert tall, "the 64x96 images are taller than their bucket"
+    crops = {ds.batch_choices([tall[0]], 1, 1, n)[2][0] for n in range(12)}
+    limit = tall[0].resized[1] - tall[0].bucket[1]
+    assert len(crops) > 2 and all(left == 0 and 0 <= top <= limit for left, top in crops)
+    cache = LatentCache(vae_encode, "v", memory=False)
+    top = sorted(crops)[-1]
+    from lib_lora.train.cache import load_image
+    pixels = load_image(tall[0], False, top)
+    assert pixels.shape[1:] == (tall[0].bucket[1], tall[0].bucket[0])
+    torch.testing.assert_close(cache.get([tall[0]], [False], [top])[0], vae_encode(pixels[None])[0])
+    result = Trainer(cfg, make_bundle(copy.deepcopy(base)), log_fn=lambda m: None).run()
+    assert result.step == 2 and lib_lora.load(result.output).metadata["ss_random_crop"] == "True"

@@ -20,8 +20,9 @@ from .dataset import ImageItem
 CACHE_VERSION = 1
 
 
-def load_image(item: ImageItem, flip: bool) -> torch.Tensor:
-    """The item's pixels resized and centre-cropped to its bucket, [3, H, W] in [-1, 1]."""
+def load_image(item: ImageItem, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
+    """The item's pixels resized and cropped to its bucket (at ``crop`` = (left, top), else the centre),
+    [3, H, W] in [-1, 1]."""
     try:
         with Image.open(item.path) as im:
             im = im.convert("RGB")
@@ -31,7 +32,7 @@ def load_image(item: ImageItem, flip: bool) -> torch.Tensor:
         raise LoraError(item.path, f"cannot decode the image ({e.__class__.__name__}: {str(e)[:120]})",
                         "re-save it or remove it from the folder") from None
     (w, h), (bw, bh) = item.resized, item.bucket
-    left, top = (w - bw) // 2, (h - bh) // 2
+    left, top = crop if crop is not None else ((w - bw) // 2, (h - bh) // 2)
     im = im.crop((left, top, left + bw, top + bh))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -55,7 +56,7 @@ class LatentCache:
         if disk_dir:
             os.makedirs(disk_dir, exist_ok=True)
 
-    def key(self, item: ImageItem, flip: bool) -> str:
+    def key(self, item: ImageItem, flip: bool, crop: tuple[int, int] | None = None) -> str:
         st = os.stat(item.path)
         fkey = (item.path, st.st_mtime_ns, st.st_size)
         content = self._file_hash.get(fkey)
@@ -65,7 +66,8 @@ class LatentCache:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             content = self._file_hash[fkey] = h.hexdigest()
-        settings = json.dumps([CACHE_VERSION, content, list(item.resized), list(item.bucket), flip, self.vae_id])
+        settings = json.dumps([CACHE_VERSION, content, list(item.resized), list(item.bucket), flip, self.vae_id]
+                              + ([list(crop)] if crop is not None else []))
         return hashlib.sha256(settings.encode()).hexdigest()
 
     def _disk_path(self, key: str) -> str:
@@ -96,9 +98,10 @@ class LatentCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_bytes(path, st_save({"latent": latent.contiguous()}))
 
-    def encode(self, items: list[ImageItem], flips: list[bool]) -> list[torch.Tensor]:
+    def encode(self, items: list[ImageItem], flips: list[bool], crops: list | None = None) -> list[torch.Tensor]:
         """Latents of images of one bucket, in one VAE call."""
-        pixels = torch.stack([load_image(i, f) for i, f in zip(items, flips)])
+        crops = crops or [None] * len(items)
+        pixels = torch.stack([load_image(i, f, c) for i, f, c in zip(items, flips, crops)])
         with torch.no_grad():
             latents = self.vae_encode(pixels)
         if latents.dim() != 4 or latents.shape[0] != len(items):
@@ -107,13 +110,14 @@ class LatentCache:
         self.hits["encoded"] += len(items)
         return [t.detach().to("cpu", torch.float32).clone() for t in latents]
 
-    def get(self, items: list[ImageItem], flips: list[bool]) -> torch.Tensor:
+    def get(self, items: list[ImageItem], flips: list[bool], crops: list | None = None) -> torch.Tensor:
         """A batch of latents, encoding only what is not cached."""
-        keys = [self.key(i, f) for i, f in zip(items, flips)]
+        crops = crops or [None] * len(items)
+        keys = [self.key(i, f, c) for i, f, c in zip(items, flips, crops)]
         out = [self.lookup(k) for k in keys]
         todo = [n for n, t in enumerate(out) if t is None]
         if todo:
-            fresh = self.encode([items[n] for n in todo], [flips[n] for n in todo])
+            fresh = self.encode([items[n] for n in todo], [flips[n] for n in todo], [crops[n] for n in todo])
             for n, t in zip(todo, fresh):
                 out[n] = t
                 self.store(keys[n], t)

@@ -286,12 +286,18 @@ class Dataset:
         rng.shuffle(batches)
         return batches
 
-    def batch_choices(self, batch: list[ImageItem], seed: int, epoch: int, index: int) -> tuple[list[str], list[bool]]:
-        """Captions (shuffled/dropped) and flips for one batch, drawn from (seed, epoch, batch index)."""
+    def batch_choices(self, batch: list[ImageItem], seed: int, epoch: int, index: int
+                      ) -> tuple[list[str], list[bool], list[tuple[int, int] | None]]:
+        """Captions (shuffled/dropped), flips and crops (left, top; None: the centre) for one batch, drawn from
+        (seed, epoch, batch index)."""
         rng = random.Random(f"batch:{seed}:{epoch}:{index}")
         captions = [process_caption(i.caption, self.cfg, rng, epoch) for i in batch]
         flips = [self.cfg.flip_aug and rng.random() < 0.5 for _ in batch]
-        return captions, flips
+        crops: list[tuple[int, int] | None] = [None] * len(batch)
+        if self.cfg.random_crop:
+            crops = [(rng.randint(0, i.resized[0] - i.bucket[0]), rng.randint(0, i.resized[1] - i.bucket[1]))
+                     for i in batch]
+        return captions, flips, crops
 
     # ---- metadata ------------------------------------------------------------------------------
     def tag_frequency(self) -> dict[str, dict[str, int]]:

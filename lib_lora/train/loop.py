@@ -96,13 +96,14 @@ def _to_device(tokens, device: torch.device):
     return tokens
 
 
-def _size_conditions(items: list[ImageItem]) -> torch.Tensor:
-    """SDXL's micro-conditioning per image, as kohya computes it: original (h, w), the centre crop's
-    (top, left) in the resized image, and the bucket (h, w)."""
+def _size_conditions(items: list[ImageItem], crops: list | None = None) -> torch.Tensor:
+    """SDXL's micro-conditioning per image, as kohya computes it: original (h, w), the crop's (top, left) in
+    the resized image, and the bucket (h, w)."""
     rows = []
-    for i in items:
+    for i, crop in zip(items, crops or [None] * len(items)):
         (w, h), (rw, rh), (bw, bh) = i.size, i.resized, i.bucket
-        rows.append([h, w, (rh - bh) // 2, (rw - bw) // 2, bh, bw])
+        left, top = crop if crop is not None else ((rw - bw) // 2, (rh - bh) // 2)
+        rows.append([h, w, top, left, bh, bw])
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -220,6 +221,9 @@ class Trainer:
         self.network = TrainNetwork(self.bundle.sd_model, cfg).to(self.device)
         for s in self.network.skipped:
             self._warn(s)
+        if self.network.family == "sdxl" and max(cfg.resolution_wh()) < 1024:
+            self._warn(f"SDXL was trained at 1024x1024; resolution {cfg.resolution} gives a network that is "
+                       "weaker at SDXL's sizes (use 1024, max_bucket_reso 2048)")
         if cfg.network_weights:
             tensors, _ = read_state_dict(cfg.network_weights)
             n = self.network.load_kohya_state_dict(tensors, cfg.network_weights, strict=False)
@@ -344,8 +348,8 @@ class Trainer:
         total = 0.0
         for b in self.dist.my_share(indices):
             batch = batches[b]
-            captions, flips = self.dataset.batch_choices(batch, self.seed, epoch, b)
-            latents = self.cache.get(batch, flips).to(self.device)
+            captions, flips, crops = self.dataset.batch_choices(batch, self.seed, epoch, b)
+            latents = self.cache.get(batch, flips, crops).to(self.device)
             weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
             gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b))
             timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=gen)
@@ -353,7 +357,8 @@ class Trainer:
             perturbed = None
             if self.cfg.ip_noise_gamma:
                 perturbed = noise + self.cfg.ip_noise_gamma * torch.randn(latents.shape, generator=gen).to(self.device)
-            loss = self._loss(latents, batch, captions, timesteps, noise, weights, train=True, input_noise=perturbed)
+            loss = self._loss(latents, batch, captions, timesteps, noise, weights, train=True, input_noise=perturbed,
+                              crops=crops)
             scaled = loss / len(indices)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
@@ -383,7 +388,7 @@ class Trainer:
 
     def _loss(self, latents: torch.Tensor, items: list[ImageItem], captions: list[str], timesteps: torch.Tensor,
               noise: torch.Tensor, weights: torch.Tensor, train: bool,
-              input_noise: torch.Tensor | None = None) -> torch.Tensor:
+              input_noise: torch.Tensor | None = None, crops: list | None = None) -> torch.Tensor:
         """The weighted mean loss of the UNet's prediction (ε or v) for these latents, noise and timesteps;
         ``input_noise`` (input perturbation) replaces the noise in the UNet's input only."""
         cfg = self.cfg
@@ -394,7 +399,7 @@ class Trainer:
             extra = {}
             if isinstance(cond, tuple):
                 cond, pooled = cond
-                extra["y"] = sdxl_vector(pooled, _size_conditions(items)).to(self.unet_dtype)
+                extra["y"] = sdxl_vector(pooled, _size_conditions(items, crops)).to(self.unet_dtype)
             noisy = self.noise.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
             pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), cond.to(self.unet_dtype),
                                     **extra)

@@ -113,7 +113,7 @@ def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer
         "ss_resolution": (w, h),
         "ss_color_aug": False,
         "ss_flip_aug": cfg.flip_aug,
-        "ss_random_crop": False,
+        "ss_random_crop": cfg.random_crop,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_enable_bucket": cfg.enable_bucket,
         "ss_bucket_no_upscale": cfg.bucket_no_upscale,
