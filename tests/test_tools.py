@@ -99,7 +99,7 @@ def test_resize_full_rank_reproduces_and_lower_rank_keeps_most(sd1, tmp_path):
     assert len(again.modules) == len(net.modules)
     close(merged(sd1, [lib_lora.Use(again)]), want)
     md = again.metadata
-    assert md["ss_network_dim"] == "4" and md["ss_output_name"] == "src"
+    assert md["ss_network_dim"] == "4" and md["ss_output_name"] == "full"  # its own alias, not the source's
     assert md["ss_training_comment"] == "mine; dimension is resized from 4 to rank 4"
     assert md["sshs_model_hash"] == lib_lora.hashes.addnet_hash(path)
     small = resize(net, sd1, RankRule(rank=4, dynamic="sv_fro", dynamic_param=0.8))

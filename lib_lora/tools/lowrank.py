@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -186,9 +187,12 @@ def lora_metadata(result: ToolResult, rule: RankRule, base: dict[str, str], fami
 
 
 def save_network(path: str, result: ToolResult) -> None:
-    """The file with kohya's sshs_* hashes, written atomically (to a temp file, then renamed)."""
+    """The file with kohya's sshs_* hashes, written atomically (to a temp file, then renamed). Its
+    ``ss_output_name`` (the alias prompts may use) becomes the file's own name, so a resized copy never
+    shares its source's alias."""
     if not path.lower().endswith(".safetensors"):
         raise LoraError(path, "output must be a .safetensors file", "choose a name ending in .safetensors")
     if not result.tensors:
         raise LoraError(path, "nothing to write: no module gave a low-rank delta", "check the inputs")
+    result.metadata["ss_output_name"] = os.path.splitext(os.path.basename(path))[0]
     write_network(path, result.tensors, result.metadata)

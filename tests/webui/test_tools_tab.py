@@ -4,9 +4,22 @@ and bad requests answer with a message without writing anything."""
 from __future__ import annotations
 
 import pathlib
+import shutil
+
+import pytest
 
 import lib_lora
 from conftest import ARTIFACTS, browser_page
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_new_files(webui, lora_dir):
+    """Other modules expect the Lora folder as webui_files wrote it."""
+    before = set(lora_dir.iterdir())
+    yield
+    for path in set(lora_dir.iterdir()) - before:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    webui.call("POST", "/sdapi/v1/refresh-loras")
 
 
 def post(webui, route: str, body: dict) -> tuple[int, object]:
