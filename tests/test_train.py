@@ -727,6 +727,8 @@ def test_caption_prefix_suffix_and_the_extra_options_train(data):
             md["ss_zero_terminal_snr"]) == ("huber", "snr", "0.1", "6", "0.3", "0.1", "True", "True")
     with pytest.raises(LoraError, match="option loss_type must be one of l2, l1, huber, smooth_l1"):
         TrainConfig(loss_type="mse")
+    with pytest.raises(LoraError, match="option max_token_length must be 75, 150 or 225"):
+        TrainConfig(max_token_length=100)
 
 
 def test_random_crop_draws_crops_inside_the_image_and_needs_no_cache(data, base):

@@ -54,6 +54,8 @@ class TrainConfig:
     caption_dropout_rate: float = _opt(0.0, "chance of training an image with an empty caption")
     caption_dropout_every_n_epochs: int = _opt(0, "empty captions for every image in every n-th epoch")
     caption_tag_dropout_rate: float = _opt(0.0, "chance of dropping each non-kept tag")
+    max_token_length: int | None = _opt(None, "caption tokens the text encoder sees: 75 (unset), 150 or 225, "
+                                        "in 75-token chunks as the WebUI prompts; the rest is cut")
     caption_prefix: str | None = _opt(None, "text put before every caption (before shuffling, as kohya does)")
     caption_suffix: str | None = _opt(None, "text put after every caption")
     flip_aug: bool = _opt(False, "random horizontal flips")
@@ -156,6 +158,8 @@ class TrainConfig:
             _bad("bucket_reso_steps", "must be a multiple of 64 (the UNet halves the latent three times)")
         if self.min_bucket_reso > self.max_bucket_reso:
             _bad("min_bucket_reso", "is larger than max_bucket_reso")
+        if self.max_token_length not in (None, 75, 150, 225):
+            _bad("max_token_length", "must be 75, 150 or 225 (or unset)")
         if self.random_crop and (self.cache_latents or self.cache_latents_to_disk):
             _bad("random_crop", "needs cache_latents and cache_latents_to_disk off: a cached latent has one crop")
         if self.network_train_unet_only and self.network_train_text_encoder_only:

@@ -75,7 +75,7 @@ def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer
         "ss_v2": family == "sd2",
         "ss_base_model_version": base_model_version(family, cfg.v_parameterization),
         "ss_clip_skip": None,
-        "ss_max_token_length": None,
+        "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": cfg.cache_latents,
         "ss_seed": seed,
         "ss_lowram": False,

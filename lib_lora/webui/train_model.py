@@ -95,26 +95,24 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
             posterior = model.encode_first_stage(pixels.to(vae.device, vae.dtype))
             return model.get_first_stage_encoding(posterior).float()
 
+    chunks = (cfg.max_token_length or 75) // 75
     if getattr(model, "is_sdxl", False):
         encoders = list(model.conditioner.embedders[:2])
 
         def tokenize(captions: list[str]) -> list[torch.Tensor]:
-            return [token_rows(e, captions) for e in encoders]
+            return [token_rows(e, captions, chunks) for e in encoders]
 
         def encode_text(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            for e in encoders:
-                e.hijack.fixes = None
-            first, second = (e.encode_with_transformers(t) for e, t in zip(encoders, tokens))
+            first, second = (encode_chunks(e, t) for e, t in zip(encoders, tokens))
             return torch.cat([first, second], dim=-1), second.pooled
     else:
         cond = model.cond_stage_model
 
         def tokenize(captions: list[str]) -> torch.Tensor:
-            return token_rows(cond, captions)
+            return token_rows(cond, captions, chunks)
 
         def encode_text(tokens: torch.Tensor) -> torch.Tensor:
-            cond.hijack.fixes = None  # no textual-inversion vectors for these tokens
-            return cond.encode_with_transformers(tokens)
+            return encode_chunks(cond, tokens)
 
     return ModelBundle(
         model, vae_encode, tokenize, encode_text,
@@ -124,12 +122,30 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
                          "ss_new_sd_model_hash": sha256 or ""})
 
 
-def token_rows(encoder, captions: list[str]) -> torch.Tensor:
-    """kohya's tokens for one WebUI text-encoder wrapper: start, the first 75 tokens, end, its padding to 77."""
+def token_rows(encoder, captions: list[str], chunks: int = 1) -> torch.Tensor:
+    """Tokens [batch, chunks, 77] for one WebUI text-encoder wrapper: each 75-token piece of a caption between
+    start and end tokens and padded, as the WebUI splits long prompts; as many pieces as the batch's longest
+    caption needs, at most ``chunks`` (the rest of a caption is cut, as kohya does)."""
     n = encoder.chunk_length
-    rows = [[encoder.id_start] + ids[:n] + [encoder.id_end] + [encoder.id_pad] * (n - len(ids[:n]))
-            for ids in encoder.tokenize(captions)]
+    ids = [t[:n * chunks] for t in encoder.tokenize(captions)]
+    used = max(1, max((len(t) + n - 1) // n for t in ids))
+    pieces = [[t[k * n:(k + 1) * n] for k in range(used)] for t in ids]
+    rows = [[[encoder.id_start] + p + [encoder.id_end] + [encoder.id_pad] * (n - len(p)) for p in caption]
+            for caption in pieces]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def encode_chunks(encoder, tokens: torch.Tensor) -> torch.Tensor:
+    """The wrapper's text-encoder output for [batch, chunks, 77] tokens, chunks side by side ([batch, 77·chunks,
+    dim]) as the WebUI conditions on long prompts; SDXL's pooled output is the first chunk's, as there."""
+    encoder.hijack.fixes = None  # no textual-inversion vectors for these tokens
+    b, k, n = tokens.shape
+    z = encoder.encode_with_transformers(tokens.reshape(b * k, n))
+    pooled = getattr(z, "pooled", None)
+    out = z.reshape(b, k * n, z.shape[-1])
+    if pooled is not None:
+        out.pooled = pooled.reshape(b, k, -1)[:, 0]
+    return out
 
 
 # kohya's --ss sampler names → the WebUI's

@@ -28,7 +28,7 @@ def xl_dataset(tmp_path_factory) -> pathlib.Path:
         im = Image.new("RGB", size, (240, 240, 240))
         ImageDraw.Draw(im).rectangle([8, 8, size[0] - 8, size[1] - 8], fill=(200, 60 + 120 * n, 40))
         im.save(folder / f"img{n}.png")
-        (folder / f"img{n}.txt").write_text(f"dog, color{n}")
+        (folder / f"img{n}.txt").write_text(f"dog, color{n}" + ", red fur, blue sky" * 30 * n)  # img1: > 150 tokens
     return root
 
 
@@ -50,7 +50,7 @@ def test_train_tab_on_sdxl_then_use_the_file(xl, xl_dataset, lora_dir):
         for name, value in {"train_data_dir": xl_dataset / "img", "resolution": 64, "min_bucket_reso": 64,
                             "max_bucket_reso": 128, "network_dim": 4, "network_alpha": 4, "learning_rate": 0.01,
                             "max_train_steps": 3, "train_batch_size": 1, "seed": 2, "output_dir": out,
-                            "output_name": "xldog"}.items():
+                            "output_name": "xldog", "max_token_length": 150}.items():
             fill(tab, name, value)
         tab.locator("#sdlora_train_start").click()
         text = wait_status(tab, "^Finished")
@@ -60,6 +60,7 @@ def test_train_tab_on_sdxl_then_use_the_file(xl, xl_dataset, lora_dir):
     net = lib_lora.load(str(path))
     md = net.metadata
     assert net.base_model == "sdxl" and md["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert md["ss_max_token_length"] == "150"  # the long caption went through in two 75-token chunks
     assert md["ss_sd_model_name"] == "tiny-sdxl.safetensors" and md["modelspec.architecture"].startswith(
         "stable-diffusion-xl-v1-base")
     ups = {k: t for k, t in load_file(path).items() if k.endswith("lora_up.weight")}
