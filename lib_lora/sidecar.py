@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 from .errors import LoraError
 
@@ -56,20 +57,29 @@ def write(network_path: str, values: dict) -> dict:
     return data
 
 
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(temp path)`` for a temp file in the same folder, fsync, then rename over ``path``: a crash leaves
+    the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:

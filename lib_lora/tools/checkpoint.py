@@ -4,7 +4,6 @@ merge writes straight into them, and saving writes the state dict."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..safetensors_io import Limits, read_state_dict
+from ..sidecar import atomic_write
 
 CHECKPOINT_LIMITS = Limits(max_file_bytes=64 * 1024 ** 3)
 
@@ -74,16 +74,5 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
     """The state dict as ``.safetensors``, written to a temp file beside ``path`` and renamed over it."""
     if not path.lower().endswith(".safetensors"):
         raise LoraError(path, "output must be a .safetensors file", "choose a name ending in .safetensors")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata or None)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata or None))
