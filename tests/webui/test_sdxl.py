@@ -100,3 +100,13 @@ def test_checkpoint_switch_between_sd15_and_sdxl_with_networks(xl):
     assert info["sd_model_name"] == "tiny-sdxl" and again == xl_plain
     assert xl.txt2img("a cat", seed=7, **sd15)[0] == sd_plain
     xl.txt2img("a dog", seed=7, **back)
+
+
+def test_sdxl_bypass_equals_merge(xl):
+    """start=0 runs the network in bypass (hooks; the second text encoder's nn.MultiheadAttention through
+    lib_lora/mha.py) and gives the merged image."""
+    merged, _ = xl.txt2img("a dog <lora:xldog:1>", seed=8)
+    bypass, info = xl.txt2img("a dog <lora:xldog:1:start=0>", seed=8)
+    assert "Lora errors" not in info["extra_generation_params"]
+    plain, _ = xl.txt2img("a dog", seed=8)
+    assert abs(pixels(bypass) - pixels(merged)).max() <= 2 and abs(pixels(merged) - pixels(plain)).max() > 2
