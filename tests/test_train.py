@@ -26,7 +26,7 @@ from lib_lora.safetensors_io import load_safetensors
 from lib_lora.train import ModelBundle, Progress, SamplePrompt, TrainConfig, Trainer
 from lib_lora.train.cache import LatentCache
 from lib_lora.train.config import from_args
-from lib_lora.train.dataset import Buckets, Dataset, bucket_resolutions, process_caption
+from lib_lora.train.dataset import Buckets, Dataset, View, bucket_resolutions, process_caption
 from lib_lora.train.loop import overfit_warning
 from lib_lora.train.metadata import kohya_hashes, write_network
 from lib_lora.train.model import NoiseSchedule
@@ -228,7 +228,7 @@ def test_saves_curve_samples_and_disk_cache(trained, data):
     # the disk cache is reused by a later run with the same settings, and keyed by the VAE
     d = Dataset(cfg, cfg.seed)
     bundle = make_bundle(trained["model"])
-    jobs = [(i, False) for i in d.train_items() + d.validation] + [(i, True) for i in d.train_items()]
+    jobs = [(i, View()) for i in d.train_items() + d.validation] + [(i, View(flip=True)) for i in d.train_items()]
     disk = os.path.join(cfg.train_data_dir, ".latent_cache")
     cache = LatentCache(bundle.vae_encode, "tiny-vae-0", memory=True, disk_dir=disk)
     cache.fill(jobs, 2)
@@ -731,22 +731,29 @@ def test_caption_prefix_suffix_and_the_extra_options_train(data):
         TrainConfig(max_token_length=100)
 
 
-def test_random_crop_draws_crops_inside_the_image_and_needs_no_cache(data, base):
+def test_random_crop_and_colour_shift_draw_views_and_need_no_cache(data, base):
     with pytest.raises(LoraError, match="random_crop needs cache_latents and cache_latents_to_disk off"):
         config(data, random_crop=True)
-    cfg = config(data, random_crop=True, cache_latents=False, max_train_steps=2, learning_rate=1e-2,
+    with pytest.raises(LoraError, match="color_aug needs cache_latents"):
+        config(data, color_aug=True, cache_latents=False, cache_latents_to_disk=True)
+    cfg = config(data, random_crop=True, color_aug=True, cache_latents=False, max_train_steps=2, learning_rate=1e-2,
                  output_dir=str(data / "crop"), save_state=False)
     ds = Dataset(cfg, 1)
     tall = [i for i in ds.train_items() if i.resized[1] > i.bucket[1]]
     assert tall, "the 64x96 images are taller than their bucket"
-    crops = {ds.batch_choices([tall[0]], 1, 1, n)[2][0] for n in range(12)}
+    crops = {ds.batch_choices([tall[0]], 1, 1, n)[1][0].crop for n in range(12)}
     limit = tall[0].resized[1] - tall[0].bucket[1]
     assert len(crops) > 2 and all(left == 0 and 0 <= top <= limit for left, top in crops)
     cache = LatentCache(vae_encode, "v", memory=False)
     top = sorted(crops)[-1]
     from lib_lora.train.cache import load_image
-    pixels = load_image(tall[0], False, top)
+    pixels = load_image(tall[0], View(crop=top))
     assert pixels.shape[1:] == (tall[0].bucket[1], tall[0].bucket[0])
-    torch.testing.assert_close(cache.get([tall[0]], [False], [top])[0], vae_encode(pixels[None])[0])
+    torch.testing.assert_close(cache.get([tall[0]], [View(crop=top)])[0], vae_encode(pixels[None])[0])
+    hues = [ds.batch_choices([tall[0]], 1, 1, n)[1][0].hue for n in range(12)]
+    assert len(set(hues)) == 12 and all(abs(h) <= 8 / 180 for h in hues)
+    shifted = load_image(tall[0], View(crop=top, hue=0.04))
+    assert 0 < (shifted - pixels).abs().max() and abs(float(shifted.mean() - pixels.mean())) < 0.1
     result = Trainer(cfg, make_bundle(copy.deepcopy(base)), log_fn=lambda m: None).run()
-    assert result.step == 2 and lib_lora.load(result.output).metadata["ss_random_crop"] == "True"
+    md = lib_lora.load(result.output).metadata
+    assert result.step == 2 and md["ss_random_crop"] == "True" and md["ss_color_aug"] == "True"

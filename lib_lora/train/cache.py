@@ -15,14 +15,14 @@ from safetensors.torch import save as st_save
 
 from ..errors import LoraError
 from ..sidecar import atomic_write_bytes
-from .dataset import ImageItem
+from .dataset import ImageItem, View
 
 CACHE_VERSION = 1
 
 
-def load_image(item: ImageItem, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
-    """The item's pixels resized and cropped to its bucket (at ``crop`` = (left, top), else the centre),
-    [3, H, W] in [-1, 1]."""
+def load_image(item: ImageItem, view: View = View()) -> torch.Tensor:
+    """The item's pixels resized, cropped to its bucket (at ``view.crop`` = (left, top), else the centre),
+    flipped and hue-shifted as the view says, [3, H, W] in [-1, 1]."""
     try:
         with Image.open(item.path) as im:
             im = im.convert("RGB")
@@ -32,10 +32,15 @@ def load_image(item: ImageItem, flip: bool, crop: tuple[int, int] | None = None)
         raise LoraError(item.path, f"cannot decode the image ({e.__class__.__name__}: {str(e)[:120]})",
                         "re-save it or remove it from the folder") from None
     (w, h), (bw, bh) = item.resized, item.bucket
-    left, top = crop if crop is not None else ((w - bw) // 2, (h - bh) // 2)
+    left, top = view.crop if view.crop is not None else ((w - bw) // 2, (h - bh) // 2)
     im = im.crop((left, top, left + bw, top + bh))
-    if flip:
+    if view.flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if view.hue:
+        h, s, v = im.convert("HSV").split()
+        shift = round(view.hue * 256)
+        h = h.point(lambda x: (x + shift) % 256)
+        im = Image.merge("HSV", (h, s, v)).convert("RGB")
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
@@ -56,7 +61,7 @@ class LatentCache:
         if disk_dir:
             os.makedirs(disk_dir, exist_ok=True)
 
-    def key(self, item: ImageItem, flip: bool, crop: tuple[int, int] | None = None) -> str:
+    def key(self, item: ImageItem, view: View) -> str:
         st = os.stat(item.path)
         fkey = (item.path, st.st_mtime_ns, st.st_size)
         content = self._file_hash.get(fkey)
@@ -66,8 +71,9 @@ class LatentCache:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             content = self._file_hash[fkey] = h.hexdigest()
-        settings = json.dumps([CACHE_VERSION, content, list(item.resized), list(item.bucket), flip, self.vae_id]
-                              + ([list(crop)] if crop is not None else []))
+        settings = json.dumps([CACHE_VERSION, content, list(item.resized), list(item.bucket), view.flip, self.vae_id]
+                              + ([list(view.crop)] if view.crop is not None else [])
+                              + ([view.hue] if view.hue else []))
         return hashlib.sha256(settings.encode()).hexdigest()
 
     def _disk_path(self, key: str) -> str:
@@ -98,10 +104,9 @@ class LatentCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_bytes(path, st_save({"latent": latent.contiguous()}))
 
-    def encode(self, items: list[ImageItem], flips: list[bool], crops: list | None = None) -> list[torch.Tensor]:
+    def encode(self, items: list[ImageItem], views: list[View]) -> list[torch.Tensor]:
         """Latents of images of one bucket, in one VAE call."""
-        crops = crops or [None] * len(items)
-        pixels = torch.stack([load_image(i, f, c) for i, f, c in zip(items, flips, crops)])
+        pixels = torch.stack([load_image(i, v) for i, v in zip(items, views)])
         with torch.no_grad():
             latents = self.vae_encode(pixels)
         if latents.dim() != 4 or latents.shape[0] != len(items):
@@ -110,30 +115,29 @@ class LatentCache:
         self.hits["encoded"] += len(items)
         return [t.detach().to("cpu", torch.float32).clone() for t in latents]
 
-    def get(self, items: list[ImageItem], flips: list[bool], crops: list | None = None) -> torch.Tensor:
+    def get(self, items: list[ImageItem], views: list[View]) -> torch.Tensor:
         """A batch of latents, encoding only what is not cached."""
-        crops = crops or [None] * len(items)
-        keys = [self.key(i, f, c) for i, f, c in zip(items, flips, crops)]
+        keys = [self.key(i, v) for i, v in zip(items, views)]
         out = [self.lookup(k) for k in keys]
         todo = [n for n, t in enumerate(out) if t is None]
         if todo:
-            fresh = self.encode([items[n] for n in todo], [flips[n] for n in todo], [crops[n] for n in todo])
+            fresh = self.encode([items[n] for n in todo], [views[n] for n in todo])
             for n, t in zip(todo, fresh):
                 out[n] = t
                 self.store(keys[n], t)
         return torch.stack(out)
 
-    def fill(self, jobs: list[tuple[ImageItem, bool]], batch_size: int,
+    def fill(self, jobs: list[tuple[ImageItem, View]], batch_size: int,
              progress: Callable[[int, int], bool] | None = None) -> None:
-        """Encode every (item, flip) ahead of training, bucket by bucket; ``progress`` returning False stops it."""
-        by_bucket: dict[tuple[int, int], list[tuple[ImageItem, bool]]] = {}
-        for item, flip in jobs:
-            by_bucket.setdefault(item.bucket, []).append((item, flip))
+        """Encode every (item, view) ahead of training, bucket by bucket; ``progress`` returning False stops it."""
+        by_bucket: dict[tuple[int, int], list[tuple[ImageItem, View]]] = {}
+        for item, view in jobs:
+            by_bucket.setdefault(item.bucket, []).append((item, view))
         done = 0
         for group in by_bucket.values():
             for k in range(0, len(group), batch_size):
                 chunk = group[k:k + batch_size]
-                self.get([i for i, _ in chunk], [f for _, f in chunk])
+                self.get([i for i, _ in chunk], [v for _, v in chunk])
                 done += len(chunk)
                 if progress is not None and progress(done, len(jobs)) is False:
                     return

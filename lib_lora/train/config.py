@@ -60,6 +60,7 @@ class TrainConfig:
     caption_suffix: str | None = _opt(None, "text put after every caption")
     flip_aug: bool = _opt(False, "random horizontal flips")
     random_crop: bool = _opt(False, "a random crop of each resized image instead of its centre (cache_latents off)")
+    color_aug: bool = _opt(False, "a small random hue shift of each image (cache_latents off)")
     prior_loss_weight: float = _opt(1.0, "loss weight of regularisation images")
     validation_split: float = _opt(0.0, "fraction of each training folder held out for validation loss")
     validation_seed: int | None = _opt(None, "seed of the split and of the validation noise (default: seed)")
@@ -160,8 +161,9 @@ class TrainConfig:
             _bad("min_bucket_reso", "is larger than max_bucket_reso")
         if self.max_token_length not in (None, 75, 150, 225):
             _bad("max_token_length", "must be 75, 150 or 225 (or unset)")
-        if self.random_crop and (self.cache_latents or self.cache_latents_to_disk):
-            _bad("random_crop", "needs cache_latents and cache_latents_to_disk off: a cached latent has one crop")
+        for name in ("random_crop", "color_aug"):
+            if getattr(self, name) and (self.cache_latents or self.cache_latents_to_disk):
+                _bad(name, "needs cache_latents and cache_latents_to_disk off: a cached latent is one fixed view")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             _bad("network_train_unet_only", "and network_train_text_encoder_only leave nothing to train")
         if self.keep_tokens < 0 or self.caption_dropout_every_n_epochs < 0 or self.lr_warmup_steps < 0:

@@ -34,6 +34,19 @@ class ImageItem:
     repeats: int = 1
 
 
+@dataclass(frozen=True)
+class View:
+    """How an image becomes a step's pixels: flipped, cropped at (left, top) (None: the centre), and its hue
+    turned by a fraction of the colour circle."""
+
+    flip: bool = False
+    crop: tuple[int, int] | None = None
+    hue: float = 0.0
+
+
+HUE_SHIFT = 8 / 180  # kohya's color_aug: hue ±8 on OpenCV's 0..180 hue scale
+
+
 @dataclass
 class Subset:
     path: str
@@ -287,9 +300,9 @@ class Dataset:
         return batches
 
     def batch_choices(self, batch: list[ImageItem], seed: int, epoch: int, index: int
-                      ) -> tuple[list[str], list[bool], list[tuple[int, int] | None]]:
-        """Captions (shuffled/dropped), flips and crops (left, top; None: the centre) for one batch, drawn from
-        (seed, epoch, batch index)."""
+                      ) -> tuple[list[str], list[View]]:
+        """Captions (shuffled/dropped) and views (flip, crop, hue) for one batch, drawn from (seed, epoch, batch
+        index)."""
         rng = random.Random(f"batch:{seed}:{epoch}:{index}")
         captions = [process_caption(i.caption, self.cfg, rng, epoch) for i in batch]
         flips = [self.cfg.flip_aug and rng.random() < 0.5 for _ in batch]
@@ -297,7 +310,8 @@ class Dataset:
         if self.cfg.random_crop:
             crops = [(rng.randint(0, i.resized[0] - i.bucket[0]), rng.randint(0, i.resized[1] - i.bucket[1]))
                      for i in batch]
-        return captions, flips, crops
+        hues = [rng.uniform(-HUE_SHIFT, HUE_SHIFT) if self.cfg.color_aug else 0.0 for _ in batch]
+        return captions, [View(f, c, h) for f, c, h in zip(flips, crops, hues)]
 
     # ---- metadata ------------------------------------------------------------------------------
     def tag_frequency(self) -> dict[str, dict[str, int]]:

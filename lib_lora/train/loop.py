@@ -27,7 +27,7 @@ from ..errors import LoraError
 from ..safetensors_io import read_state_dict
 from .cache import LatentCache
 from .config import TrainConfig
-from .dataset import Dataset, ImageItem, with_affixes
+from .dataset import Dataset, ImageItem, View, with_affixes
 from .distributed import Distributed
 from .metadata import base_model_info, modelspec, training_metadata, write_network
 from .model import (ModelBundle, NoiseSchedule, checkpoint_blocks, elementwise_loss, frozen, gradient_checkpointing,
@@ -96,13 +96,13 @@ def _to_device(tokens, device: torch.device):
     return tokens
 
 
-def _size_conditions(items: list[ImageItem], crops: list | None = None) -> torch.Tensor:
+def _size_conditions(items: list[ImageItem], views: list[View] | None = None) -> torch.Tensor:
     """SDXL's micro-conditioning per image, as kohya computes it: original (h, w), the crop's (top, left) in
     the resized image, and the bucket (h, w)."""
     rows = []
-    for i, crop in zip(items, crops or [None] * len(items)):
+    for i, view in zip(items, views or [View()] * len(items)):
         (w, h), (rw, rh), (bw, bh) = i.size, i.resized, i.bucket
-        left, top = crop if crop is not None else ((rw - bw) // 2, (rh - bh) // 2)
+        left, top = view.crop if view.crop is not None else ((rw - bw) // 2, (rh - bh) // 2)
         rows.append([h, w, top, left, bh, bw])
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -273,9 +273,9 @@ class Trainer:
 
     def _fill_cache(self) -> None:
         d = self.dataset
-        jobs = [(i, False) for i in d.train_items() + d.reg_items() + d.validation]
+        jobs = [(i, View()) for i in d.train_items() + d.reg_items() + d.validation]
         if self.cfg.flip_aug:
-            jobs += [(i, True) for i in d.train_items() + d.reg_items()]
+            jobs += [(i, View(flip=True)) for i in d.train_items() + d.reg_items()]
 
         def progress(done: int, total: int) -> bool:
             self._emit("caching", message=f"caching latents {done}/{total}")
@@ -348,8 +348,8 @@ class Trainer:
         total = 0.0
         for b in self.dist.my_share(indices):
             batch = batches[b]
-            captions, flips, crops = self.dataset.batch_choices(batch, self.seed, epoch, b)
-            latents = self.cache.get(batch, flips, crops).to(self.device)
+            captions, views = self.dataset.batch_choices(batch, self.seed, epoch, b)
+            latents = self.cache.get(batch, views).to(self.device)
             weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
             gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b))
             timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=gen)
@@ -358,7 +358,7 @@ class Trainer:
             if self.cfg.ip_noise_gamma:
                 perturbed = noise + self.cfg.ip_noise_gamma * torch.randn(latents.shape, generator=gen).to(self.device)
             loss = self._loss(latents, batch, captions, timesteps, noise, weights, train=True, input_noise=perturbed,
-                              crops=crops)
+                              views=views)
             scaled = loss / len(indices)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
@@ -388,7 +388,7 @@ class Trainer:
 
     def _loss(self, latents: torch.Tensor, items: list[ImageItem], captions: list[str], timesteps: torch.Tensor,
               noise: torch.Tensor, weights: torch.Tensor, train: bool,
-              input_noise: torch.Tensor | None = None, crops: list | None = None) -> torch.Tensor:
+              input_noise: torch.Tensor | None = None, views: list[View] | None = None) -> torch.Tensor:
         """The weighted mean loss of the UNet's prediction (ε or v) for these latents, noise and timesteps;
         ``input_noise`` (input perturbation) replaces the noise in the UNet's input only."""
         cfg = self.cfg
@@ -399,7 +399,7 @@ class Trainer:
             extra = {}
             if isinstance(cond, tuple):
                 cond, pooled = cond
-                extra["y"] = sdxl_vector(pooled, _size_conditions(items, crops)).to(self.unet_dtype)
+                extra["y"] = sdxl_vector(pooled, _size_conditions(items, views)).to(self.unet_dtype)
             noisy = self.noise.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
             pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), cond.to(self.unet_dtype),
                                     **extra)
@@ -430,7 +430,7 @@ class Trainer:
         total = 0.0
         with torch.no_grad():
             for item in items:
-                latent = self.cache.get([item], [False]).to(self.device).expand(len(t), -1, -1, -1)
+                latent = self.cache.get([item], [View()]).to(self.device).expand(len(t), -1, -1, -1)
                 noise = self._noise_like(latent, gen)
                 ones = torch.ones(len(t), device=self.device)
                 caption = with_affixes(item.caption, self.cfg)

@@ -111,7 +111,7 @@ def training_metadata(cfg: TrainConfig, data: Dataset, *, family: str, optimizer
         "ss_batch_size_per_device": cfg.train_batch_size,
         "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * processes,
         "ss_resolution": (w, h),
-        "ss_color_aug": False,
+        "ss_color_aug": cfg.color_aug,
         "ss_flip_aug": cfg.flip_aug,
         "ss_random_crop": cfg.random_crop,
         "ss_shuffle_caption": cfg.shuffle_caption,

@@ -32,7 +32,7 @@ GROUPS = {  # accordion → rows of {option: label}
         {"caption_extension": "Caption extension", "resolution": "Resolution",
          "prior_loss_weight": "Regularisation loss weight"},
         {"enable_bucket": "Aspect-ratio buckets", "bucket_no_upscale": "Never upscale", "flip_aug": "Random flips",
-         "random_crop": "Random crop", "shuffle_caption": "Shuffle tags"},
+         "random_crop": "Random crop", "color_aug": "Colour shift", "shuffle_caption": "Shuffle tags"},
         {"min_bucket_reso": "Smallest bucket side", "max_bucket_reso": "Largest bucket side",
          "keep_tokens": "Keep first tags"},
         {"caption_prefix": "Caption prefix", "caption_suffix": "Caption suffix",
