@@ -52,6 +52,10 @@ def networks(spec: str) -> list[tuple]:
     st = glue.state()
     out = []
     for req in requests:
+        if (req.unet is not None and req.unet != req.te) or req.dyn or req.lbw or req.start is not None \
+                or req.stop is not None:
+            raise LoraError(None, f"{req.text}: a merge takes one weight per network",
+                            "write <lora:name:weight> without UNet weights, dyn, lbw, start or stop")
         entry, warning = st.catalog.resolve(req.name, st.settings().prefer_alias)
         if entry is None:
             raise LoraError(None, warning or f"no network named {req.name!r}", "refresh the Lora list or fix the name")

@@ -49,6 +49,8 @@ def test_resize_and_merge_to_networks(webui, lora_dir):
     assert status == 400 and "already exists" in res, res
     status, res = post(webui, "resize", {"name": "kohya_a", "rank": 2, "output": "../escape"})
     assert status == 400 and "not a plain file name" in res, res
+    status, res = post(webui, "merge", {"networks": "<lora:kohya_a:1:0.5>", "output": "two_weights"})
+    assert status == 400 and "a merge takes one weight per network" in res, res
     status, res = post(webui, "merge", {"networks": "xl_only:1", "output": "wrong_family"})
     assert status == 400 and "made for SDXL" in res, res
     assert not (lora_dir / "wrong_family.safetensors").exists() and not pathlib.Path("escape.safetensors").exists()
