@@ -46,15 +46,17 @@ def lora_dir(tmp_path_factory):
     return d
 
 
-def tiny_sdxl_checkpoint(bed: str) -> pathlib.Path:
-    """tests/webui/tiny_sdxl.py's checkpoint, built with the bed's Python once per version of that script."""
-    script = pathlib.Path(__file__).with_name("tiny_sdxl.py")
-    out = pathlib.Path.home() / ".cache" / "sd-webui-lora" / f"tiny-sdxl-{hashlib.sha256(script.read_bytes()).hexdigest()[:12]}"
-    ckpt = out / "tiny-sdxl.safetensors"
+def tiny_checkpoint(bed: str, kind: str) -> pathlib.Path:
+    """tests/webui/tiny_checkpoints.py's ``kind`` ("sdxl" or "sd2v") checkpoint, built with the bed's Python
+    once per version of that script."""
+    script = pathlib.Path(__file__).with_name("tiny_checkpoints.py")
+    version = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    out = pathlib.Path.home() / ".cache" / "sd-webui-lora" / f"tiny-{kind}-{version}"
+    ckpt = out / f"tiny-{kind}.safetensors"
     if not ckpt.exists():
         snapshot = next(pathlib.Path(bed, "hf-home", "hub", "models--openai--clip-vit-large-patch14", "snapshots").iterdir())
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-        run = subprocess.run([str(pathlib.Path(bed, "venv", "bin", "python")), str(script), str(out),
+        run = subprocess.run([str(pathlib.Path(bed, "venv", "bin", "python")), str(script), kind, str(out),
                               str(pathlib.Path(bed, "webui")), str(snapshot)], capture_output=True, text=True, env=env,
                              timeout=600)
         assert run.returncode == 0 and ckpt.exists(), run.stderr[-3000:]
@@ -68,18 +70,18 @@ class Server:
         self.bed, self.lora_dir, self.config, self.client = bed, lora_dir, None, None
 
     def ensure(self, config: str) -> "Client":
-        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only), "sdxl"
-        (ours, on tiny_sdxl.py's SDXL checkpoint)."""
+        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only), "sdxl" or
+        "sd2v" (ours, on tiny_checkpoints.py's SDXL or SD2 768-v checkpoint)."""
         if config == self.config:
             return self.client
         args = ["--port", "0", "--replace", "--reset-config"]
         if config != "builtin":
             args += ["--ext", f"sd-webui-lora={ROOT}"]
-        if config in ("ours", "sdxl"):
+        if config in ("ours", "sdxl", "sd2v"):
             args.append("--no-builtin-lora")
         args += ["--", "--lora-dir", str(self.lora_dir)]
-        if config == "sdxl":
-            args += ["--ckpt", str(tiny_sdxl_checkpoint(self.bed))]
+        if config in ("sdxl", "sd2v"):
+            args += ["--ckpt", str(tiny_checkpoint(self.bed, config))]
         out = subprocess.run([str(TB / "start.sh"), self.bed, *args], stdout=subprocess.PIPE, text=True, timeout=900)
         if out.returncode != 0:
             log = pathlib.Path(self.bed, "webui.log")
@@ -87,7 +89,7 @@ class Server:
             pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
         self.config = config
         self.client = Client(out.stdout.strip().splitlines()[-1], self.bed)
-        if config == "sdxl":  # the live-preview approximation of SDXL latents would be downloaded
+        if config in ("sdxl", "sd2v"):  # the live-preview approximation model would be downloaded
             assert self.client.call("POST", "/sdapi/v1/options", {"live_previews_enable": False})[0] == 200
         return self.client
 

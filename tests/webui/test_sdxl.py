@@ -1,4 +1,4 @@
-"""SDXL in the real WebUI: tests/webui/tiny_sdxl.py's random-weight checkpoint (sgm's classes, SDXL's key
+"""SDXL in the real WebUI: tests/webui/tiny_checkpoints.py's random-weight SDXL checkpoint (sgm's classes, SDXL's key
 names, small widths) loaded by the WebUI itself. The Train LoRA tab trains both text encoders (the second
 one's nn.MultiheadAttention included) and the UNet; the file it writes then works in a prompt, and an SD1
 network is refused with a message while the image is still made."""
