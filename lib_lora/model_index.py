@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .keymap import Target
+from .keymap import Target, kohya_name
 
 PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
 # (checkpoint prefix, part, whether that encoder uses open_clip naming)
@@ -70,3 +70,25 @@ class ModelIndex:
                 if hit is not None and isinstance(hit[1], torch.nn.MultiheadAttention):
                     return hit[0], hit[1], sub
         return None
+
+    def weight(self, target: Target) -> torch.Tensor | None:
+        """The model's weight for a target (detached; q/k/v: its rows of in_proj_weight), or None."""
+        hit = self.resolve(target)
+        if hit is None:
+            return None
+        _name, module, sub = hit
+        if isinstance(module, torch.nn.MultiheadAttention):
+            w = module.in_proj_weight.detach()
+            return w[qkv_slice(sub, w.shape[0] // 3)]
+        return module.weight.detach()
+
+    def kohya_name(self, target: Target) -> str:
+        """The module name kohya's trainers write for a target of this model (q/k/v as ``..._q_proj``)."""
+        path = target.path + (f"_{target.sub}_proj" if target.sub else "")
+        return kohya_name(target.part, path, self.open_clip.get(target.part, False), self.family)
+
+
+def qkv_slice(sub: str, size: int) -> slice:
+    """The rows of q, k or v in an nn.MultiheadAttention's packed in_proj (each ``size`` rows)."""
+    i = "qkv".index(sub)
+    return slice(i * size, (i + 1) * size)

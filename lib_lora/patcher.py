@@ -19,7 +19,7 @@ from .adapters import Adapter
 from .blocks import BlockWeights
 from .keymap import Target, family_mismatch
 from .mha import mha_forward
-from .model_index import ModelIndex
+from .model_index import ModelIndex, qkv_slice
 from .network import Network
 from .prompt import resolve_step
 
@@ -229,7 +229,7 @@ class Patcher:
             buf.copy_(backup[wname])
         bias_buf = None
         for c in contribs:
-            sl = _slice(c.sub, orig.shape[0] // 3) if c.sub else slice(None)
+            sl = qkv_slice(c.sub, orig.shape[0] // 3) if c.sub else slice(None)
             db = c.adapter.merge_into(buf[sl], orig[sl], c.multiplier, c.dyn)
             if db is not None:
                 if bias_buf is None:
@@ -312,11 +312,6 @@ class Patcher:
         self._backups.clear()
         self._merged.clear()
         self._bypassed.clear()
-
-
-def _slice(sub: str, size: int) -> slice:
-    i = "qkv".index(sub)
-    return slice(i * size, (i + 1) * size)
 
 
 def _weight_shape(module: torch.nn.Module, sub: str | None) -> tuple[int, ...] | None:

@@ -20,7 +20,7 @@ from lib_lora.model_index import ModelIndex, checkpoint_name
 from lib_lora.tools import (RankRule, as_modules, extract, merge_into_checkpoint, merge_networks, read_checkpoint,
                             resize, save_checkpoint, save_network)
 from lib_lora.tools.extract import kohya_targets
-from lib_lora.tools.lowrank import factorize, lora_key, singular_values
+from lib_lora.tools.lowrank import factorize, singular_values
 from lib_lora.train import TrainConfig
 from lib_lora.train.network import TrainNetwork
 
@@ -55,7 +55,7 @@ def test_extract_targets_are_the_trainers(family):
     index = ModelIndex(model)
     for conv in (None, 2):
         trained = set(TrainNetwork(model, TrainConfig(conv_dim=conv)).loras)
-        assert {lora_key(index, t) for t in kohya_targets(index, convs=bool(conv))} == trained
+        assert {index.kohya_name(t) for t in kohya_targets(index, convs=bool(conv))} == trained
 
 
 def test_factorize_is_the_svd_optimum_and_rank_rules():

@@ -70,9 +70,13 @@ def as_modules(tensors: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """The state dict as ``.safetensors``, written to a temp file beside ``path`` and renamed over it."""
+def require_safetensors(path: str) -> None:
     if not path.lower().endswith(".safetensors"):
         raise LoraError(path, "output must be a .safetensors file", "choose a name ending in .safetensors")
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """The state dict as ``.safetensors``, written to a temp file beside ``path`` and renamed over it."""
+    require_safetensors(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata or None))

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import LoraError
 from ..keymap import Target
 from ..model_index import ModelIndex
-from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_key, lora_metadata
+from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_metadata
 
 # The layers kohya's networks.lora trains, by checkpoint path: the UNet's transformer blocks; with convs, the
 # ResBlocks and down/upsamplers; the text encoders' attention and MLP.
@@ -37,17 +37,6 @@ def kohya_targets(index: ModelIndex, convs: bool) -> list[Target]:
     return out
 
 
-def _weight(index: ModelIndex, target: Target) -> torch.Tensor | None:
-    hit = index.resolve(target)
-    if hit is None:
-        return None
-    module, sub = hit[1], hit[2]
-    if isinstance(module, nn.MultiheadAttention):
-        e = module.in_proj_weight.shape[0] // 3
-        return module.in_proj_weight.detach()["qkv".index(sub) * e:][:e]
-    return module.weight.detach()
-
-
 def extract(base: nn.Module, tuned: nn.Module, rule: RankRule, min_diff: float = 0.01,
             precision: str = "fp16") -> ToolResult:
     """``min_diff``: a text encoder whose largest weight change is below it is left out (kohya's rule, so a
@@ -59,7 +48,7 @@ def extract(base: nn.Module, tuned: nn.Module, rule: RankRule, min_diff: float =
     result = ToolResult({}, {})
     deltas: dict[Target, torch.Tensor] = {}
     for target in kohya_targets(bi, convs=bool(rule.conv_rank)):
-        a, b = _weight(bi, target), _weight(ti, target)
+        a, b = bi.weight(target), ti.weight(target)
         if b is None or a.shape != b.shape:
             result.skipped.append(f"{target}: not in the tuned checkpoint with the same shape")
             continue
@@ -70,6 +59,6 @@ def extract(base: nn.Module, tuned: nn.Module, rule: RankRule, min_diff: float =
             result.skipped.append(f"{part}: largest change {max(changes):.2e} is below min_diff {min_diff}; left out")
             deltas = {t: d for t, d in deltas.items() if t.part != part}
     for target, delta in deltas.items():
-        add_module(result, lora_key(bi, target), delta, rule, SAVE_DTYPES[precision])
+        add_module(result, bi.kohya_name(target), delta, rule, SAVE_DTYPES[precision])
     result.metadata = lora_metadata(result, rule, {}, bi.family, "extracted from two checkpoints")
     return result

@@ -7,12 +7,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..errors import LoraError
-from ..keymap import Target, kohya_name
-from ..model_index import ModelIndex
-from ..train.metadata import write_network
+from ..train.metadata import base_model_version, write_network
+from .checkpoint import require_safetensors
 
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -134,26 +132,6 @@ def factorize(delta: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.
     return up.contiguous(), down.contiguous(), kept
 
 
-def orig_weight(index: ModelIndex, target: Target) -> tuple[torch.Tensor, nn.Module] | None:
-    """The model's weight for a target (fp32 copy; a q/k/v slice of an nn.MultiheadAttention), or None."""
-    hit = index.resolve(target)
-    if hit is None:
-        return None
-    _name, module, sub = hit
-    if isinstance(module, nn.MultiheadAttention):
-        w = module.in_proj_weight.detach()
-        e = w.shape[0] // 3
-        w = w["qkv".index(sub) * e:][:e]
-    else:
-        w = module.weight.detach()
-    return w.float(), module
-
-
-def lora_key(index: ModelIndex, target: Target) -> str:
-    path = target.path + (f"_{target.sub}_proj" if target.sub else "")
-    return kohya_name(target.part, path, index.open_clip.get(target.part, False), index.family)
-
-
 def add_module(result: ToolResult, key: str, delta: torch.Tensor, rule: RankRule, dtype: torch.dtype) -> None:
     """One kohya module (alpha = rank, so scale 1) for ``delta``, or a note when the rule keeps nothing."""
     if delta.dim() not in (2, 4):
@@ -186,7 +164,7 @@ def lora_metadata(result: ToolResult, rule: RankRule, base: dict[str, str], fami
     else:
         md.pop("ss_network_args", None)
     if family:
-        md.setdefault("ss_base_model_version", {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family])
+        md.setdefault("ss_base_model_version", base_model_version(family, False))
         md["ss_v2"] = str(family == "sd2")
     md["ss_training_comment"] = (base.get("ss_training_comment", "") + "; " if base.get("ss_training_comment")
                                  and base["ss_training_comment"] != "None" else "") + comment
@@ -197,8 +175,7 @@ def save_network(path: str, result: ToolResult) -> None:
     """The file with kohya's sshs_* hashes, written atomically (to a temp file, then renamed). Its
     ``ss_output_name`` (the alias prompts may use) becomes the file's own name, so a resized copy never
     shares its source's alias."""
-    if not path.lower().endswith(".safetensors"):
-        raise LoraError(path, "output must be a .safetensors file", "choose a name ending in .safetensors")
+    require_safetensors(path)
     if not result.tensors:
         raise LoraError(path, "nothing to write: no module gave a low-rank delta", "check the inputs")
     result.metadata["ss_output_name"] = os.path.splitext(os.path.basename(path))[0]

@@ -13,23 +13,29 @@ from ..model_index import ModelIndex
 from ..network import Network
 from ..patcher import ApplyResult, Patcher, Use
 from .checkpoint import as_modules
-from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_key, lora_metadata, orig_weight
+from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_metadata
+
+
+def check_family(items: list[tuple[Network, float]], family: str | None) -> None:
+    """Every network made for this base model, or one message naming the first that is not."""
+    for net, _weight in items:
+        mismatch = family_mismatch(net.name, net.base_model, family)
+        if mismatch:
+            raise LoraError(net.path, mismatch.split(": ", 1)[1], "use a network made for this base model")
 
 
 def network_deltas(items: list[tuple[Network, float]], index: ModelIndex) -> tuple[dict[Target, torch.Tensor], list[str]]:
     """Σ weight · ΔW per model target, in fp32; what could not be used is listed."""
+    check_family(items, index.family)
     sums: dict[Target, torch.Tensor] = {}
     skipped: list[str] = []
     for net, weight in items:
-        mismatch = family_mismatch(net.name, net.base_model, index.family)
-        if mismatch:
-            raise LoraError(net.path, mismatch.split(": ", 1)[1], "use a network made for this base model")
         for target, adapter in net.modules.items():
-            got = orig_weight(index, target)
-            if got is None:
+            orig = index.weight(target)
+            if orig is None:
                 skipped.append(f"{net.name}: {target}: no such layer in the model")
                 continue
-            orig, _module = got
+            orig = orig.float()
             with torch.no_grad():
                 d, b = adapter.delta(orig, weight)
             if b is not None and bool((b != 0).any()):
@@ -48,7 +54,7 @@ def merge_networks(items: list[tuple[Network, float]], model: nn.Module, rule: R
     deltas, skipped = network_deltas(items, index)
     result = ToolResult({}, {}, skipped=skipped)
     for target, delta in deltas.items():
-        add_module(result, lora_key(index, target), delta, rule, SAVE_DTYPES[precision])
+        add_module(result, index.kohya_name(target), delta, rule, SAVE_DTYPES[precision])
     merged = ", ".join(f"{net.name}:{weight:g}" for net, weight in items)
     result.metadata = lora_metadata(result, rule, {}, index.family, f"merged from {merged}")
     result.metadata["ss_merged_from"] = json.dumps([{"name": net.name, "weight": weight,
@@ -63,10 +69,7 @@ def merge_into_checkpoint(items: list[tuple[Network, float]], tensors: dict[str,
     if not items:
         raise LoraError(None, "no networks to merge", "give at least one network with its weight")
     patcher = Patcher(as_modules(tensors))
-    for net, _weight in items:
-        mismatch = family_mismatch(net.name, net.base_model, patcher.index.family)
-        if mismatch:
-            raise LoraError(net.path, mismatch.split(": ", 1)[1], "use a network made for this base model")
+    check_family(items, patcher.index.family)
     res = patcher.apply([Use(net, te=weight, unet=weight) for net, weight in items], mode="merge")
     if res.errors:
         patcher.restore()

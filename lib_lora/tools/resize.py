@@ -6,7 +6,7 @@ from torch import nn
 
 from ..model_index import ModelIndex
 from ..network import Network
-from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_key, lora_metadata
+from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_metadata
 from .merge import network_deltas
 
 
@@ -16,7 +16,7 @@ def resize(network: Network, model: nn.Module, rule: RankRule, precision: str = 
     deltas, skipped = network_deltas([(network, 1.0)], index)
     result = ToolResult({}, {}, skipped=skipped)
     for target, delta in deltas.items():
-        add_module(result, lora_key(index, target), delta, rule, SAVE_DTYPES[precision])
+        add_module(result, index.kohya_name(target), delta, rule, SAVE_DTYPES[precision])
     new = f"{rule.dynamic} {rule.dynamic_param} up to rank {rule.rank}" if rule.dynamic else f"rank {rule.rank}"
     result.metadata = lora_metadata(result, rule, network.metadata, index.family,
                                     f"dimension is resized from {network.rank} to {new}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraError
-from ..keymap import FAMILY_NAMES, kohya_name, split_key, target_for
+from ..keymap import FAMILY_NAMES, Target, split_key, target_for
 from ..mha import mha_forward
 from ..model_index import ModelIndex, checkpoint_name
 from .config import TrainConfig
@@ -172,8 +172,7 @@ class TrainNetwork(nn.Module):
         self._mha: dict[nn.MultiheadAttention, dict[str, nn.Module]] = {}
         self._replaced: list[tuple[nn.Module, object]] = []
         for (full, sub), (org, part, path, dim, alpha) in _candidates(sd_model, index, cfg).items():
-            key = kohya_name(part, path + (f"_{sub}_proj" if sub else ""), index.open_clip.get(part, False),
-                             index.family)
+            key = index.kohya_name(Target(part, path, sub))
             if not _resolves_to(key, full, sub, index):
                 self.skipped.append(f"{full}{'.' + sub if sub else ''}: kohya name {key} would not load back onto it")
                 continue
@@ -267,11 +266,13 @@ def _hook(lora: nn.Module):
 
 def _mha_extra(loras: dict[str, nn.Module]):
     """q/k/v outputs for ``mha_forward``; out_proj is an ordinary hooked Linear there, called as a module."""
+    dtypes = {sub: next(iter(lora.parameters())).dtype for sub, lora in loras.items()}
+
     def extra(sub: str, x: torch.Tensor) -> torch.Tensor | None:
         lora = loras.get(sub)
         if lora is None:
             return None
-        return lora(x.to(next(iter(lora.parameters())).dtype)).to(x.dtype)
+        return lora(x.to(dtypes[sub])).to(x.dtype)
 
     return extra
 
