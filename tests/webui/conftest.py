@@ -186,6 +186,21 @@ def _serve_static(route, webui: pathlib.Path) -> None:
 
 
 # ---- the Train LoRA tab's form --------------------------------------------------------------------------
+def open_webui_tab(page, client: "Client", title: str, ready: str) -> None:
+    """The WebUI's page with one of its top tabs shown (``ready``: a selector visible once it is)."""
+    page.goto(client.url)
+    page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
+    page.locator("#tabs > .tab-nav > button", has_text=title).click()
+    page.wait_for_selector(ready, state="visible")
+
+
+def open_train_tab(page, client: "Client", *groups: str) -> None:
+    """The Train LoRA tab with these option groups (accordions: network, optimisation, ...) opened."""
+    open_webui_tab(page, client, "Train LoRA", "#sdlora_train_start")
+    for title in groups:
+        page.locator(f"#sdlora_train_{title}").locator(".label-wrap").first.click()
+
+
 def field(tab, name: str):
     return tab.locator(f"#sdlora_train_{name}").locator("input, textarea").first
 

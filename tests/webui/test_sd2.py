@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import lib_lora
 import lorafiles
-from conftest import browser_page, fill, pixels, tiny_checkpoint, wait_status
+from conftest import browser_page, fill, open_train_tab, pixels, tiny_checkpoint, wait_status
 from lib_lora.tools import as_modules, read_checkpoint
 
 
@@ -56,12 +56,7 @@ def test_train_tab_on_sd2_v(sd2, lora_dir, tmp_path):
         (folder / f"fox{n}.txt").write_text(f"fox, shade{n}")
     out = tmp_path / "out"
     with browser_page(sd2) as tab:
-        tab.goto(sd2.url)
-        tab.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
-        tab.locator("#tabs > .tab-nav > button", has_text="Train LoRA").click()
-        tab.wait_for_selector("#sdlora_train_start", state="visible")
-        for title in ("network", "optimisation", "output"):
-            tab.locator(f"#sdlora_train_{title}").locator(".label-wrap").first.click()
+        open_train_tab(tab, sd2, "network", "optimisation", "output")
         for name, value in {"train_data_dir": folder.parent, "resolution": 64, "min_bucket_reso": 64,
                             "network_dim": 4, "network_alpha": 4, "learning_rate": 0.01, "max_train_steps": 2,
                             "seed": 3, "output_dir": out, "output_name": "fox", "min_snr_gamma": 5}.items():

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page, fill, pixels, wait_status
+from conftest import ARTIFACTS, browser_page, fill, open_train_tab, pixels, wait_status
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,7 @@ def test_sdxl_checkpoint_is_loaded(xl):
 def test_train_tab_on_sdxl_then_use_the_file(xl, xl_dataset, lora_dir):
     plain, _ = xl.txt2img("a dog", seed=5)
     with browser_page(xl) as tab:
-        tab.goto(xl.url)
-        tab.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
-        tab.locator("#tabs > .tab-nav > button", has_text="Train LoRA").click()
-        tab.wait_for_selector("#sdlora_train_start", state="visible")
-        for title in ("network", "optimisation", "output"):
-            tab.locator(f"#sdlora_train_{title}").locator(".label-wrap").first.click()
+        open_train_tab(tab, xl, "network", "optimisation", "output")
         out = lora_dir / "xl"
         for name, value in {"train_data_dir": xl_dataset / "img", "resolution": 64, "min_bucket_reso": 64,
                             "max_bucket_reso": 128, "network_dim": 4, "network_alpha": 4, "learning_rate": 0.01,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page
+from conftest import ARTIFACTS, browser_page, open_webui_tab
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,10 +78,7 @@ def test_merge_into_checkpoint_then_extract(webui, lora_dir):
 
 def test_tools_tab_resizes(webui, lora_dir):
     with browser_page(webui) as page:
-        page.goto(webui.url)
-        page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
-        page.locator("#tabs > .tab-nav > button", has_text="LoRA Tools").click()
-        page.wait_for_selector("#sdlora_tools_resize_go", state="visible")
+        open_webui_tab(page, webui, "LoRA Tools", "#sdlora_tools_resize_go")
         name = page.locator("#sdlora_tools_resize_name input")
         name.fill("kohya_b")
         name.press("Enter")

@@ -12,17 +12,14 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page, field, fill, wait_status
+from conftest import ARTIFACTS, browser_page, field, fill, open_train_tab, wait_status
 
 
 
 @pytest.fixture(scope="module")
 def tab(webui):
     with browser_page(webui) as page:
-        page.goto(webui.url)
-        page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
-        page.locator("#tabs > .tab-nav > button", has_text="Train LoRA").click()
-        page.wait_for_selector("#sdlora_train_start", state="visible")
+        open_train_tab(page, webui, "network", "optimisation", "output", "samples")
         yield page
 
 
@@ -41,8 +38,6 @@ def dataset(tmp_path_factory) -> pathlib.Path:
 
 def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_dir):
     plain, _ = webui.txt2img("a cat", seed=3)
-    for title in ("network", "optimisation", "output", "samples"):
-        tab.locator(f"#sdlora_train_{title}").locator(".label-wrap").first.click()
     assert field(tab, "output_dir").input_value() == str(lora_dir)  # the first Lora folder
     assert field(tab, "optimizer_type").input_value() == "AdamW" and field(tab, "kind").input_value() == "LoRA"
     field(tab, "preset").click()

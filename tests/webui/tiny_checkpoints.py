@@ -209,7 +209,9 @@ def main(kind: str, out: pathlib.Path, webui: pathlib.Path, hf_snapshot: pathlib
         yaml = YAML_SD2V.format(context=OPEN_CLIP_WIDTH)
     name = f"tiny-{kind}"
     (out / f"{name}.yaml").write_text(yaml)
-    CLIPTextModel.from_pretrained = classmethod(lambda cls, path, **kw: cls(CLIPTextConfig.from_pretrained(path)))
+    # sgm's FrozenCLIPEmbedder calls from_pretrained(version): build from the local config, never from a hub
+    CLIPTextModel.from_pretrained = classmethod(
+        lambda cls, path, **kw: cls(CLIPTextConfig.from_json_file(str(pathlib.Path(path) / "config.json"))))
     create = open_clip.create_model_and_transforms
     open_clip.create_model_and_transforms = lambda *a, pretrained=None, **kw: create(*a, pretrained=None, **kw)
     torch.manual_seed(0)
