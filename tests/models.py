@@ -206,16 +206,18 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, layer: str = "penultimat
     x = model.token_embedding(tokens)
     x = x + model.positional_embedding
     blocks = model.transformer.resblocks
-    batch_first = getattr(model.transformer, "batch_first", True)
-    if not batch_first:
-        x = x.permute(1, 0, 2)
-    for i, block in enumerate(blocks):
-        if i == len(blocks) - layer_idx:
-            break
-        x = block(x, attn_mask=model.attn_mask)
-    if not batch_first:
-        x = x.permute(1, 0, 2)
+    x = run_resblocks(model, x, blocks[:len(blocks) - layer_idx])
     return model.ln_final(x)
+
+
+def run_resblocks(model: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
+    """open_clip resblocks on ``[B, L, D]`` input; open_clip before 2.24 (the WebUI's 2.20) runs them on L, N, D."""
+    batch_first = getattr(model.transformer, "batch_first", False)
+    if not batch_first:
+        x = x.permute(1, 0, 2)
+    for block in blocks:
+        x = block(x, attn_mask=model.attn_mask)
+    return x if batch_first else x.permute(1, 0, 2)
 
 
 def random_tokens(batch: int = 1, length: int = CONTEXT_LENGTH, vocab: int = TINY_VOCAB,
@@ -363,10 +365,8 @@ def sdxl_encode(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, t
     oc = e1.model
     x = oc.token_embedding(tokens) + oc.positional_embedding
     blocks = oc.transformer.resblocks
-    for block in blocks[:-1]:
-        x = block(x, attn_mask=oc.attn_mask)
-    penultimate = x
-    last = oc.ln_final(blocks[-1](x, attn_mask=oc.attn_mask))
+    penultimate = run_resblocks(oc, x, blocks[:-1])
+    last = oc.ln_final(run_resblocks(oc, penultimate, blocks[-1:]))
     pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ oc.text_projection
     return torch.cat([c1, penultimate], dim=-1), pooled
 

@@ -468,7 +468,7 @@ def test_caption_shuffle_keep_tokens_and_dropout():
 
 # ---- maths against references ----------------------------------------------------------------------
 def test_noise_schedule_matches_diffusers_ddpm():
-    from diffusers import DDPMScheduler
+    DDPMScheduler = pytest.importorskip("diffusers").DDPMScheduler
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                         clip_sample=False)
     ns = NoiseSchedule()
@@ -485,7 +485,7 @@ def test_noise_schedule_matches_diffusers_ddpm():
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
                                   "polynomial"])
 def test_schedules_match_diffusers(name):
-    from diffusers.optimization import get_scheduler
+    get_scheduler = pytest.importorskip("diffusers.optimization").get_scheduler
     cfg = TrainConfig(lr_scheduler=name, lr_warmup_steps=3, lr_scheduler_num_cycles=2, lr_scheduler_power=2.0,
                       learning_rate=0.1)
     mine = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -673,7 +673,7 @@ def test_two_processes_train_like_one_with_double_accumulation(data, tmp_path, l
 
 # ---- kohya's loss and noise options ------------------------------------------------------------------
 def test_zero_terminal_snr_matches_diffusers_rescale():
-    from diffusers import DDPMScheduler
+    DDPMScheduler = pytest.importorskip("diffusers").DDPMScheduler
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                         rescale_betas_zero_snr=True)
     ns = NoiseSchedule(zero_terminal_snr=True)

@@ -9,11 +9,11 @@ import argparse
 import dataclasses
 import difflib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 
+from .. import toml_reader
 from ..errors import LoraError
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Adafactor", "Prodigy")
@@ -224,10 +224,10 @@ def read_toml(path: str) -> dict:
     """A TOML file's options; top-level tables are flattened (kohya's config files group options that way)."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            doc = toml_reader.load(f)
     except OSError as e:
         raise LoraError(path, f"cannot read the config ({e.strerror or e})", "check the path") from None
-    except tomllib.TOMLDecodeError as e:
+    except toml_reader.TOMLDecodeError as e:
         raise LoraError(path, f"not valid TOML: {e}", "fix the config file") from None
     flat: dict = {}
     for key, value in doc.items():
