@@ -7,8 +7,14 @@ Measured in one process (medians of ``--repeats`` runs where cheap):
 * floor: one read+write of every weight the LoRA touches (``dst.copy_(src)`` into preallocated
   tensors), and the deltas' matmuls alone (``up @ down`` in fp32 for all 264 modules);
 * ours: ``lib_lora.load``, first apply (merge, fresh Patcher, cold factor cache), re-apply of the
-  same set, change of one weight in a stack of three networks, restore; extra resident memory of
-  merge and bypass mode; UNet step (64×64 latent) plain / bypass / merge;
+  same set, change of one weight in a stack of three networks, restore; UNet step (64×64 latent)
+  plain / bypass / merge;
+* memory, per mode: peak and held extra memory on the weights' device and in CPU RAM (resident
+  memory) while a network is applied (and, in bypass mode, during a UNet step). On CUDA the device's
+  figure is ``torch.cuda.max_memory_allocated`` and the backups sit in (pinned) CPU memory, as in
+  the WebUI. On a CPU-only machine the weights' device is the CPU itself: the backups are then put in
+  memory torch's allocator never sees (``BackupPlace`` injected, as tests/test_devices.py does), and
+  the device's figure is what torch allocates meanwhile (its profiler's records);
 * diffusers: the same file through ``StableDiffusionLoraLoaderMixin.lora_state_dict`` +
   ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` into a diffusers ``UNet2DConditionModel``
   (SD1.5 config) and a transformers ``CLIPTextModel`` (CLIP-L config) that hold our model's weight
@@ -18,7 +24,7 @@ The machine may be shared: every round measures the floor right next to the oper
 table gives the median of the per-round ratios and the best-of ratio.
 
 Progress goes to stderr; the markdown table (for the README) goes to stdout.
-Nothing is downloaded.  Run:  python bench/engine.py [--repeats 7] [--fwd-repeats 3]
+Nothing is downloaded.  Run:  python bench/engine.py [--repeats 7] [--fwd-repeats 3] [--device cuda|cpu]
 """
 from __future__ import annotations
 
@@ -56,6 +62,14 @@ def rss() -> int:
     return 0
 
 
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc
@@ -69,7 +83,62 @@ def trim() -> None:
         _LIBC.malloc_trim(0)
 
 
+CUDA = [False]  # set by main() when the model is on a CUDA device: timings then wait for its queue
+
+
+PROCESS_PEAK = [0]  # VmHWM before each reset: the process's own peak is the largest of them
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current resident memory (Linux: ``clear_refs`` 5)."""
+    PROCESS_PEAK[0] = max(PROCESS_PEAK[0], peak_rss())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(fn, device: torch.device) -> dict[str, int]:
+    """Extra memory while ``fn`` runs, over what was there before: peak and held at the end, on the weights'
+    device (CUDA: its allocator's count; CPU: what torch allocates, from its profiler's records) and in CPU RAM
+    (the process's resident memory, VmHWM/VmRSS)."""
+    from test_devices import torch_allocations
+
+    trim()
+    reset_peak_rss()
+    r0 = rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        d0 = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        dev_peak, dev_held = torch.cuda.max_memory_allocated(device) - d0, torch.cuda.memory_allocated(device) - d0
+    else:
+        dev_peak, dev_held = torch_allocations(fn)
+    ram_peak = peak_rss() - r0
+    trim()
+    return {"dev_peak": dev_peak, "dev_held": dev_held, "ram_peak": ram_peak, "ram_held": rss() - r0}
+
+
+def backup_place(device: torch.device):
+    """Where a merge's backups go: the default (CPU memory beside a GPU's weights); on a CPU-only machine, memory
+    outside torch's allocator, so that what a merge needs beside the weights shows on its own."""
+    from lib_lora.devices import BackupPlace
+    from test_devices import OffHeap
+
+    return OffHeap() if device.type == "cpu" else BackupPlace()
+
+
+def layer_buffer_bytes(modules, network) -> int:
+    """One layer's fp32 work buffer (the largest touched weight and bias) plus the largest module's factors in
+    fp32: what a merge may hold beside the weights at any moment."""
+    layer = max(m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0) for m in modules)
+    factors = max(sum(t.numel() for t in a.w.values()) for a in network.modules.values())
+    return (layer + factors) * 4
+
+
 def now() -> float:
+    if CUDA[0]:
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -192,7 +261,11 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--no-forward", action="store_true", help="skip the UNet step timings")
     ap.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model's weights live (default: cuda when there is one, else cpu)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    CUDA[0] = device.type == "cuda"
     R = max(3, args.repeats)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -200,9 +273,10 @@ def main() -> int:
     import lib_lora
     from lib_lora import Patcher, Use
     from lib_lora.model_index import checkpoint_name
-    from models import full_sd15
+    from models import full_model
 
-    info = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()} "
+    gpu = f", GPU: {torch.cuda.get_device_name(device)}" if CUDA[0] else ""
+    info = (f"torch {torch.__version__}, weights on {device}{gpu}, {torch.get_num_threads()} threads, CPU: {cpu_model()} "
             f"({os.cpu_count()} logical cores visible), Python {platform.python_version()}, "
             f"load average at start {loadavg()}")
     log(info)
@@ -219,7 +293,7 @@ def main() -> int:
     # ---- model ----
     log("building the full-size SD1.5 model (ldm UNet + CLIP-L, fp32, random) ...")
     t = now()
-    model = full_sd15(0)
+    model = full_model("sd1", seed=0, device=device)
     nparams = sum(p.numel() for p in model.parameters())
     log(f"  built in {now() - t:.1f} s: {nparams / 1e9:.3f} G parameters, {mb(nparams * 4)}; RSS {mb(rss())}")
     named = {checkpoint_name(n): m for n, m in model.named_modules()}
@@ -240,7 +314,7 @@ def main() -> int:
     net_b = lib_lora.load(str(path_b))
     net_c = lib_lora.load(str(path_c))
     log(f"lib_lora.load(A): median {ms(out['load'])} ({', '.join(ms(x) for x in load_times)}); "
-        f"{len(net_a.modules)} modules, kinds {net_a.kinds}, rank {net_a.rank}, format {net_a.format}, "
+        f"{len(net_a.modules)} modules, kinds {net_a.kind_counts}, rank {net_a.rank}, format {net_a.format}, "
         f"family {net_a.base_model}; factors {mb(net_a.nbytes())}; RSS +{mb(rss() - r0)} with B and C")
     log(f"  B: {len(net_b.modules)} modules (text encoder), C: {len(net_c.modules)} modules (UNet attn2)")
     n_modules = len(net_a.modules)
@@ -249,50 +323,47 @@ def main() -> int:
 
     # ---- what A touches ----
     probe = Patcher(model)
-    merge_plan, _, res = probe.plan([Use(net_a)], "merge")
+    plan = probe.plan([Use(net_a)], "merge")
+    merge_plan, res = plan.merge, plan.result
     assert not res.skipped and not res.errors, (res.skipped, res.errors)
     touched = {name: named[name] for name in merge_plan}
-    del probe, merge_plan
+    del probe, plan, merge_plan
     weights = [m.weight for m in touched.values()]
     touched_bytes = sum(w.numel() * w.element_size() for w in weights)
     param_bytes = sum(p.numel() * p.element_size() for m in touched.values() for p in m.parameters(recurse=False))
     log(f"A matches {len(res.matched)} modules; touched weights {mb(touched_bytes)} "
         f"(weights+biases {mb(param_bytes)})")
     out["touched_bytes"] = touched_bytes
-    c_modules = set(Patcher(model).plan([Use(net_c)], "merge")[2].matched)
+    c_modules = set(Patcher(model).plan([Use(net_c)], "merge").result.matched)
 
-    # ---- resident memory: merge (first thing after load, so the heap is as clean as it gets) ----
-    log("resident memory of merge mode ...")
+    # ---- memory per mode (first thing after load, so the heap is as clean as it gets) ----
+    place = backup_place(device)
+    out["layer_buffer"] = layer_buffer_bytes(touched.values(), net_a)
+    out["device_note"] = ("CPU: torch's allocations, the backups injected outside torch" if device.type == "cpu"
+                          else f"{device}: `torch.cuda.max_memory_allocated`, the backups in pinned CPU memory")
+    log(f"memory of merge mode: backups in {type(place).__name__} "
+        f"({'outside torch, standing in for CPU RAM beside a GPU' if device.type == 'cpu' else 'CPU memory'}); "
+        f"one layer's fp32 buffer + factors {mb(out['layer_buffer'])} ...")
     drop_caches(net_a)
-    trim()
-    r0 = rss()
-    p = Patcher(model)
-    res = p.apply([Use(net_a)], "merge")
-    trim()
-    r1 = rss()
-    out["merge_rss"] = r1 - r0
-    out["merge_backup"] = p.backup_bytes()
-    out["merge_cache"] = factor_cache_bytes(net_a)
-    log(f"  merge: RSS +{mb(r1 - r0)}; Patcher.backup_bytes() {mb(p.backup_bytes())}; fp32 factor cache "
-        f"{mb(out['merge_cache'])}; matched {len(res.matched)}, written {len(res.written)}")
+    p = Patcher(model, backups=place)
+    got = measure_memory(lambda: p.apply([Use(net_a)], "merge"), device)
+    out.update({f"merge_{k}": v for k, v in got.items()}, merge_backup=p.backup_bytes(),
+               merge_cache=factor_cache_bytes(net_a))
+    log(f"  merge: {device} peak +{mb(got['dev_peak'])}, held +{mb(got['dev_held'])}; CPU RAM peak "
+        f"+{mb(got['ram_peak'])}, held +{mb(got['ram_held'])}; backups {mb(p.backup_bytes())}; fp32 factor copies "
+        f"held {mb(out['merge_cache'])}")
     p.restore()
     del p
     trim()
-    log(f"  after restore: RSS {mb(rss() - r0):>} vs before apply (factor cache still held: "
-        f"{mb(factor_cache_bytes(net_a))})")
 
-    log("resident memory of bypass mode ...")
+    log("memory of bypass mode ...")
     drop_caches(net_a)
-    trim()
-    r0 = rss()
-    p = Patcher(model)
-    res = p.apply([Use(net_a)], "bypass")
-    trim()
-    r1 = rss()
-    out["bypass_rss"] = r1 - r0
-    out["bypass_backup"] = p.backup_bytes()
-    log(f"  bypass: RSS +{mb(r1 - r0)} after apply; backup_bytes {mb(p.backup_bytes())}; "
-        f"matched {len(res.matched)}, hooked {len(res.written)} (factor caches fill on the first step)")
+    p = Patcher(model, backups=place)
+    got = measure_memory(lambda: p.apply([Use(net_a)], "bypass"), device)
+    out.update({f"bypass_{k}": v for k, v in got.items()}, bypass_backup=p.backup_bytes())
+    log(f"  bypass apply: {device} peak +{mb(got['dev_peak'])}, held +{mb(got['dev_held'])}; CPU RAM peak "
+        f"+{mb(got['ram_peak'])}, held +{mb(got['ram_held'])}; backups {mb(p.backup_bytes())} "
+        f"(the fp32 factor copies are made by the first step)")
     p.restore()
     del p
     trim()
@@ -325,9 +396,9 @@ def main() -> int:
             twin = None
 
     # ---- floor, interleaved with ours (the machine is shared: both see the same load) ----
-    floor_a = Floor.of_plan(Patcher(model).plan([Use(net_a)], "merge")[0], named)
+    floor_a = Floor.of_plan(Patcher(model).plan([Use(net_a)], "merge").merge, named)
     # on C's modules both A and C contribute: one read+write of each weight, matmuls of both deltas
-    plan_ac = Patcher(model).plan([Use(net_a), Use(net_c)], "merge")[0]
+    plan_ac = Patcher(model).plan([Use(net_a), Use(net_c)], "merge").merge
     floor_c = Floor.of_plan({n: cs for n, cs in plan_ac.items() if n in c_modules}, named)
     del plan_ac
     log(f"floor: one read+write of {len(floor_a.weights)} touched weights ({mb(floor_a.nbytes)}), "
@@ -452,9 +523,9 @@ def main() -> int:
     if not args.no_forward:
         unet = model.model.diffusion_model
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(1, 4, 64, 64, generator=g)
-        ts = torch.tensor([500])
-        ctx = torch.randn(1, 77, 768, generator=g)
+        x = torch.randn(1, 4, 64, 64, generator=g).to(device)
+        ts = torch.tensor([500], device=device)
+        ctx = torch.randn(1, 77, 768, generator=g).to(device)
         p = Patcher(model)
 
         def step():
@@ -463,20 +534,22 @@ def main() -> int:
                 y = unet(x, timesteps=ts, context=ctx)
             return now() - t, y
 
-        log("UNet step at a 64×64 latent: warm-up (plain, bypass) ...")
+        log("UNet step at a 64×64 latent: warm-up (plain), then the memory of a plain step and of bypass mode's "
+            "first step ...")
         dt, _ = step()
         log(f"  plain warm-up {ms(dt)}")
+        plain_mem = measure_memory(step, device)
         drop_caches(net_a)
-        trim()
-        r0 = rss()
         p.apply([Use(net_a)], "bypass")
-        dt, _ = step()
-        trim()
-        out["bypass_rss_step"] = rss() - r0
+        bypass_mem = measure_memory(step, device)
         out["bypass_cache"] = factor_cache_bytes(net_a)
         p.restore()
-        log(f"  bypass warm-up {ms(dt)}; RSS +{mb(out['bypass_rss_step'])} after it (fp32 factor cache "
-            f"{mb(out['bypass_cache'])}, of which only the UNet's is filled by a UNet step)")
+        for k in ("dev_peak", "dev_held", "ram_peak", "ram_held"):
+            out[f"step_plain_{k}"], out[f"step_bypass_{k}"] = plain_mem[k], bypass_mem[k]
+        log(f"  plain step: {device} peak +{mb(plain_mem['dev_peak'])}, CPU RAM peak +{mb(plain_mem['ram_peak'])}; "
+            f"bypass first step: {device} peak +{mb(bypass_mem['dev_peak'])}, held +{mb(bypass_mem['dev_held'])}; "
+            f"CPU RAM peak +{mb(bypass_mem['ram_peak'])}, held +{mb(bypass_mem['ram_held'])} (fp32 factor copies "
+            f"{mb(out['bypass_cache'])}, of which only the UNet's are made by a UNet step)")
         times = {"plain": [], "bypass": [], "merge": []}
         ys = {}
         rb, rm, share = [], [], []
@@ -528,16 +601,8 @@ def main() -> int:
     log(f"freed our model; RSS {mb(rss())}")
 
     tmpdir.cleanup()
-    log(f"done in {now() - T0:.0f} s; peak RSS {mb(peak_rss())}")
+    log(f"done in {now() - T0:.0f} s; peak RSS {mb(max(PROCESS_PEAK[0], peak_rss()))}")
     print_table(out, info)
-    return 0
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -572,7 +637,8 @@ class DiffusersTwin:
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
             te = CLIPTextModel(_clip_text_config(768, 12, 12, 3072, 49408))
-        self.te = te.to_empty(device="cpu")
+        device = next(m.weight.device for m in named.values() if isinstance(getattr(m, "weight", None), torch.Tensor))
+        self.te = te.to_empty(device=device)
         _reset_buffers(self.te)
         ours = {}
         for n, mod in named.items():
@@ -686,15 +752,32 @@ def print_table(o: dict, info: str) -> None:
     else:
         rows.append(("diffusers reference", o.get("diffusers_error", "skipped"), "", "", ""))
     rows += [
-        ("extra resident, merge", f"RSS +{mb(o['merge_rss'])} (backups {mb(o['merge_backup'])}, "
-         f"fp32 factor copies {mb(o['merge_cache'])})", f"{o['merge_rss'] / o['touched_bytes']:.2f}× touched weights",
-         "", ""),
-        ("extra resident, bypass", f"RSS +{mb(o['bypass_rss'])} after apply"
-         + (f", +{mb(o['bypass_rss_step'])} after the first UNet step (fp32 factor copies)" if "bypass_rss_step" in o
-            else ""), "", "", ""),
+        (f"extra memory, merge, on the weights' device ({o['device_note']})",
+         f"peak +{mb(o['merge_dev_peak'])}, held +{mb(o['merge_dev_held'])}",
+         f"peak {o['merge_dev_peak'] / o['layer_buffer']:.2f}× one layer's fp32 buffer + factors "
+         f"({mb(o['layer_buffer'])})", "peak ≤ one layer's buffer, nothing held",
+         yes(o["merge_dev_peak"] <= o["layer_buffer"] and o["merge_dev_held"] <= 0)),
+        ("extra memory, merge, CPU RAM (resident)", f"peak +{mb(o['merge_ram_peak'])}, held +{mb(o['merge_ram_held'])} "
+         f"(backups {mb(o['merge_backup'])}; fp32 factor copies held {mb(o['merge_cache'])})",
+         f"held {o['merge_ram_held'] / o['touched_bytes']:.2f}× touched weights", "", ""),
+        ("extra memory, bypass apply, on the weights' device", f"peak +{mb(o['bypass_dev_peak'])}, "
+         f"held +{mb(o['bypass_dev_held'])}", "", "", ""),
+        ("extra memory, bypass apply, CPU RAM (resident)", f"peak +{mb(o['bypass_ram_peak'])}, "
+         f"held +{mb(o['bypass_ram_held'])} (backups {mb(o['bypass_backup'])})", "", "", ""),
     ]
+    if "step_plain_dev_peak" in o:
+        rows += [
+            ("extra memory, bypass, first UNet step, on the weights' device",
+             f"peak +{mb(o['step_bypass_dev_peak'])} (plain step +{mb(o['step_plain_dev_peak'])}), "
+             f"held +{mb(o['step_bypass_dev_held'])}",
+             f"peak {(o['step_bypass_dev_peak'] - o['step_plain_dev_peak']) / 1e6:+,.1f} MB over a plain step; held: "
+             f"the UNet's fp32 factor copies", "", ""),
+            ("extra memory, bypass, first UNet step, CPU RAM (resident)",
+             f"peak +{mb(o['step_bypass_ram_peak'])} (plain step +{mb(o['step_plain_ram_peak'])}), "
+             f"held +{mb(o['step_bypass_ram_held'])}", "", "", ""),
+        ]
     if has_d:
-        rows.append(("extra resident, diffusers (PEFT LoRA layers)", f"RSS +{mb(o['d_rss'])}", "", "", ""))
+        rows.append(("extra memory, diffusers' loaded LoRA (PEFT layers), CPU RAM", f"held +{mb(o['d_rss'])}", "", "", ""))
     if "fwd_plain" in o:
         rows += [
             ("UNet step, 64×64 latent, no network", ms(o["fwd_plain"]), "", "", ""),

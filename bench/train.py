@@ -32,8 +32,18 @@ is the timed steps after the warm-up steps (time between the Trainer's progress 
 the reference). The loops alternate over rounds (the machine may be shared) and the table gives medians
 of per-round values and ratios.
 
-Progress goes to stderr; the markdown table (for the README) goes to stdout. Nothing is downloaded.
+With ``--kohya DIR --kohya-python PY`` (an sd-scripts checkout and a Python that has its requirements; the
+user brings both, nothing here installs kohya) a second comparison runs on a full-size SD1.5 checkpoint
+(``--checkpoint``, default the test bed's ``random-sd15.safetensors``): kohya's own ``train_network.py`` and this
+trainer built from the same file by ``--pretrained_model_name_or_path`` alone (``lib_lora.train.loader`` with the
+WebUI's code, ``--webui``), run with ``--ours-python`` (default: this Python; it needs the WebUI's packages).
+Same images (``--kohya-size``, default 128×128 → 16×16 cached latents: a full-size UNet step on a shared CPU), batch 2, LoRA rank 16 / alpha 16 on the UNet only (kohya's
+networks.lora: the 192 transformer-block modules), AdamW lr 1e-4, constant, clip 1.0, fp32, ``--sdpa`` on both, same
+seed; runs alternate (kohya, ours, kohya, ours), each in its own process, peak RSS reset after the model is loaded.
+
+Progress goes to stderr; the markdown tables (for the README) go to stdout. Nothing is downloaded.
 Run:  python bench/train.py [--rounds 2] [--steps 20] [--warmup 3] [--channels 64] [--threads 2]
+      [--kohya DIR --kohya-python PY [--webui DIR] [--ours-python PY] [--kohya-only]]
 """
 from __future__ import annotations
 
@@ -62,7 +72,10 @@ VARIANTS = {
     "ours": "ours: lib_lora Trainer, ldm UNet (WebUI sdp attention)",
     "ref": "diffusers + peft loop",
     "ours-ldm-attn": "ours: lib_lora Trainer, ldm UNet, stock ldm attention (einsum + softmax)",
+    "ckpt-ours": "ours: python -m lib_lora.train's model from the SD1.5 checkpoint, --sdpa",
+    "ckpt-kohya": "kohya sd-scripts train_network.py on the SD1.5 checkpoint, --sdpa",
 }
+BED = Path(os.environ.get("WEBUI_TESTBED", Path.home() / ".cache" / "sd-webui-testbed"))
 TARGETS = ["proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 CONTEXT_LENGTH, VOCAB, CONTEXT_DIM = 77, 1000, 768
 
@@ -358,12 +371,108 @@ def child_ref(work: Path, setup: dict, out: dict) -> None:
     out["losses"] = losses[w:]
 
 
+# ---- full-size SD1.5 from a checkpoint: ours and kohya's train_network.py ----------------------------------
+def checkpoint_setup(work: Path, args) -> dict:
+    setup = dict(checkpoint=str(args.checkpoint), webui=str(args.webui), kohya=str(args.kohya), threads=args.threads,
+                 seed=args.seed, warmup=args.kohya_warmup, steps=args.kohya_steps, batch=2, rank=16, size=args.kohya_size,
+                 images=args.kohya_images)
+    make_images(work / "img" / "1_cat", setup["images"], setup["size"])
+    (work / "checkpoint.json").write_text(json.dumps(setup))
+    return setup
+
+
+def child_ckpt_ours(work: Path, setup: dict, out: dict) -> None:
+    from lib_lora.train import TrainConfig, Trainer
+    from lib_lora.train.loader import load_checkpoint
+
+    total = setup["warmup"] + setup["steps"]
+    cfg = TrainConfig(pretrained_model_name_or_path=setup["checkpoint"], webui=setup["webui"],
+                      train_data_dir=str(work / "img"), resolution=str(setup["size"]), enable_bucket=False,
+                      train_batch_size=setup["batch"], network_dim=setup["rank"], network_alpha=float(setup["rank"]),
+                      network_train_unet_only=True, learning_rate=1e-4, optimizer_type="AdamW", lr_scheduler="constant",
+                      max_grad_norm=1.0, max_train_steps=total, seed=setup["seed"], cache_latents=True,
+                      mixed_precision="no", save_state=False, sdpa=True, output_dir=str(work / f"out-ours-{os.getpid()}"),
+                      output_name="bench")
+    bundle = load_checkpoint(cfg, log=lambda m: log(f"  [ours] {m}"))
+    out["setup_hwm"] = status("VmHWM")
+    out["peak_reset"] = reset_peak()
+    out["rss0"] = status("VmRSS")
+    trainer = Trainer(cfg, bundle, log_fn=lambda m: log(f"  [ours] {m}"))
+    stamps: list[float] = []
+
+    def progress(p) -> None:
+        if p.phase != "training":
+            return
+        stamps.append(time.perf_counter())
+        if p.step == total:
+            out["train_hwm"] = status("VmHWM")
+            out["modules"] = len(trainer.network.loras)
+        if p.step % 4 == 0 or p.step == total:
+            log(f"  [ours] step {p.step}/{total} loss {p.loss:.4f}")
+
+    trainer.run(progress)
+    out["step_times"] = [b - a for a, b in zip(stamps[setup["warmup"] - 1:], stamps[setup["warmup"]:])]
+
+
+def child_ckpt_kohya(work: Path, setup: dict, out: dict) -> None:
+    """kohya's train_network.py main, run in this process from the sd-scripts folder given: the model load is
+    wrapped to reset the peak after it, the progress bar to time each optimizer step."""
+    sys.path.insert(0, setup["kohya"])
+    os.chdir(setup["kohya"])
+    import train_network
+    from library import train_util
+
+    total = setup["warmup"] + setup["steps"]
+    load = train_util.load_target_model
+
+    def load_and_reset(*a, **kw):
+        models = load(*a, **kw)
+        out["setup_hwm"] = status("VmHWM")
+        out["peak_reset"] = reset_peak()
+        out["rss0"] = status("VmRSS")
+        return models
+
+    train_util.load_target_model = load_and_reset
+    stamps: list[float] = []
+
+    class Timed(train_network.tqdm):
+        def update(self, n=1):
+            stamps.append(time.perf_counter())
+            if len(stamps) == total:
+                out["train_hwm"] = status("VmHWM")
+            return super().update(n)
+
+    train_network.tqdm = Timed
+    argv = ["--pretrained_model_name_or_path", setup["checkpoint"], "--train_data_dir", str(work / "img"),
+            "--resolution", str(setup["size"]), "--output_dir", str(work / f"out-kohya-{os.getpid()}"),
+            "--output_name", "bench", "--network_module", "networks.lora", "--network_dim", str(setup["rank"]),
+            "--network_alpha", str(setup["rank"]), "--network_train_unet_only", "--train_batch_size",
+            str(setup["batch"]), "--max_train_steps", str(total), "--learning_rate", "1e-4", "--unet_lr", "1e-4",
+            "--optimizer_type", "AdamW", "--lr_scheduler", "constant", "--max_grad_norm", "1.0", "--mixed_precision",
+            "no", "--save_precision", "float", "--cache_latents", "--sdpa", "--seed", str(setup["seed"]),
+            "--max_data_loader_n_workers", "0", "--caption_extension", ".txt"]
+    parser = train_network.setup_parser()
+    args = parser.parse_args(argv)
+    train_util.verify_command_line_training_args(args)
+    trainer = train_network.NetworkTrainer()
+    trainer.train(args)
+    out["modules"] = 192
+    out["step_times"] = [b - a for a, b in zip(stamps[setup["warmup"] - 1:], stamps[setup["warmup"]:])]
+
+
 def child_main(variant: str, work: Path, result: Path) -> int:
-    setup = json.loads((work / "setup.json").read_text())
+    if variant.startswith("ckpt-"):
+        setup = json.loads((work / "checkpoint.json").read_text())
+    else:
+        setup = json.loads((work / "setup.json").read_text())
     torch.set_num_threads(setup["threads"])
     out: dict = {"variant": variant, "load_start": loadavg()}
     if variant == "ref":
         child_ref(work, setup, out)
+    elif variant == "ckpt-ours":
+        child_ckpt_ours(work, setup, out)
+    elif variant == "ckpt-kohya":
+        child_ckpt_kohya(work, setup, out)
     else:
         child_ours(work, setup, variant, out)
     out["load_end"] = loadavg()
@@ -372,12 +481,12 @@ def child_main(variant: str, work: Path, result: Path) -> int:
     return 0
 
 
-def run_child(variant: str, work: Path, threads: int) -> dict:
+def run_child(variant: str, work: Path, threads: int, python: str = sys.executable, env_extra: dict | None = None) -> dict:
     result = work / f"result-{variant}-{time.time_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), BENCH_TRAIN_EPOCH=str(EPOCH),
-               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error", **(env_extra or {}))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, "--work", str(work), "--result", str(result)],
+    proc = subprocess.run([python, __file__, "--child", variant, "--work", str(work), "--result", str(result)],
                           check=False, env=env, stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"child {variant} failed with exit code {proc.returncode}")
@@ -386,6 +495,7 @@ def run_child(variant: str, work: Path, threads: int) -> dict:
     out["speed"] = 1 / statistics.median(out["step_times"])
     out["speed_total"] = len(out["step_times"]) / sum(out["step_times"])
     out["speed_best"] = 1 / min(out["step_times"])
+    out.setdefault("process_hwm", max(out["setup_hwm"], out["train_hwm"]))
     log(f"{variant}: {out['speed']:.3f} steps/s (1 / median step; {out['speed_total']:.3f} over all "
         f"{len(out['step_times'])} timed steps, best step {1 / out['speed_best']:.3f} s), training peak RSS "
         f"{mb(out['train_hwm'])} (+{mb(out['train_hwm'] - out['rss0'])} over the loaded model), process peak {mb(out['process_hwm'])}; wall {out['wall']:.0f} s; "
@@ -394,6 +504,14 @@ def run_child(variant: str, work: Path, threads: int) -> dict:
 
 
 # ---- the table --------------------------------------------------------------------------------------
+def print_rows(header: list[str], rows: list[tuple]) -> None:
+    """A markdown table, after a blank line."""
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
 def print_table(res: dict[str, list[dict]], setup: dict, info: dict, machine: str) -> None:
     med = statistics.median
     ours, ref = res["ours"], res["ref"]
@@ -448,11 +566,7 @@ def print_table(res: dict[str, list[dict]], setup: dict, info: dict, machine: st
           f"{setup['rank']} on {ours[0]['modules']} modules, text encoder frozen, AdamW lr 1e-4, grad clip 1.0, DDPM "
           f"scaled_linear ε-loss, fp32, CPU, {setup['threads']} threads; {setup['warmup']} warm-up + "
           f"{setup['steps']} timed steps per run, {nr} alternating round(s).")
-    print()
-    print("| metric | ours (lib_lora Trainer) | diffusers + peft | ours / theirs | target | met? |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_rows(["metric", "ours (lib_lora Trainer)", "diffusers + peft", "ours / theirs", "target", "met?"], rows)
     print()
     print(f"Values are medians over rounds; speed ratios are medians of per-round ratios (each round runs both "
           f"loops back to back, order alternating); best-of is ours' fastest step over theirs'. Each loop runs in its own "
@@ -461,6 +575,62 @@ def print_table(res: dict[str, list[dict]], setup: dict, info: dict, machine: st
           f"{info['diff_sdp']:.1e} with the WebUI's sdp attention, {info['diff_stock']:.1e} with ldm's stock "
           f"attention; diffusers uses {info['attn_processor']}).")
     sys.stdout.flush()
+
+
+def print_checkpoint_table(res: dict[str, list[dict]], setup: dict, machine: str) -> None:
+    med = statistics.median
+    ours, ref = res["ckpt-ours"], res["ckpt-kohya"]
+    pairs = list(zip(ours, ref))
+    speed_ratio = med([o["speed"] / r["speed"] for o, r in pairs])
+    total_ratio = med([o["speed_total"] / r["speed_total"] for o, r in pairs])
+    speed = {k: med([x["speed"] for x in v]) for k, v in res.items()}
+    peak = {k: med([x["train_hwm"] for x in v]) for k, v in res.items()}
+    extra = {k: med([x["train_hwm"] - x["rss0"] for x in v]) for k, v in res.items()}
+    proc = {k: med([x["process_hwm"] for x in v]) for k, v in res.items()}
+
+    def yes(b: bool) -> str:
+        return "yes" if b else "**no**"
+
+    mem_ratio = peak["ckpt-ours"] / peak["ckpt-kohya"]
+    rows = [
+        ("steps/s (1 / median step time)", f"{speed['ckpt-ours']:.3f}", f"{speed['ckpt-kohya']:.3f}",
+         f"{speed_ratio:.3f}×", "≥ 1.0×", yes(speed_ratio >= 1.0)),
+        ("steps/s (timed steps / their total time)", f"{med([x['speed_total'] for x in ours]):.3f}",
+         f"{med([x['speed_total'] for x in ref]):.3f}", f"{total_ratio:.3f}×", "", ""),
+        ("peak RSS after the model is loaded (caching + training)", mb(peak["ckpt-ours"]), mb(peak["ckpt-kohya"]),
+         f"{mem_ratio:.2f}×", "≤ 1.0×", yes(mem_ratio <= 1.0)),
+        ("  of which above the loaded model", mb(extra["ckpt-ours"]), mb(extra["ckpt-kohya"]),
+         f"{extra['ckpt-ours'] / extra['ckpt-kohya']:.2f}×", "", ""),
+        ("(info) process peak incl. loading the checkpoint", mb(proc["ckpt-ours"]), mb(proc["ckpt-kohya"]),
+         f"{proc['ckpt-ours'] / proc['ckpt-kohya']:.2f}×", "", ""),
+    ]
+    print()
+    print(f"Machine: {machine}")
+    print()
+    print(f"Config: {os.path.basename(setup['checkpoint'])} (full-size SD1.5), {setup['images']} images "
+          f"{setup['size']}×{setup['size']} → {setup['size'] // 8}×{setup['size'] // 8} cached latents, batch "
+          f"{setup['batch']}, LoRA rank {setup['rank']} alpha {setup['rank']} on the UNet's {ours[0]['modules']} "
+          f"transformer-block modules (text encoder frozen, run every step by both), AdamW lr 1e-4, constant, clip 1.0, "
+          f"fp32, --sdpa on both, CPU, {setup['threads']} threads; {setup['warmup']} warm-up + {setup['steps']} timed "
+          f"steps per run, {len(pairs)} alternating round(s) (kohya first).")
+    print_rows(["metric", "ours (python -m lib_lora.train)", "kohya train_network.py", "ours / kohya", "target", "met?"],
+               rows)
+    sys.stdout.flush()
+
+
+def checkpoint_comparison(args, machine: str) -> None:
+    env = {"HF_HOME": str(args.webui.parent / "hf-home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    if os.environ.get("HF_HOME"):
+        env["HF_HOME"] = os.environ["HF_HOME"]
+    with tempfile.TemporaryDirectory(prefix="lora-train-bench-ckpt-") as tmp:
+        work = Path(tmp)
+        setup = checkpoint_setup(work, args)
+        res: dict[str, list[dict]] = {"ckpt-ours": [], "ckpt-kohya": []}
+        for r in range(max(1, args.kohya_rounds)):
+            for v, python in (("ckpt-kohya", args.kohya_python), ("ckpt-ours", args.ours_python)):
+                log(f"round {r + 1}: {VARIANTS[v]} ...")
+                res[v].append(run_child(v, work, args.threads, python=python, env_extra=env))
+    print_checkpoint_table(res, setup, machine + f", load average {loadavg()} at the end")
 
 
 def main() -> int:
@@ -474,19 +644,37 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget", type=float, default=420.0, help="no new round after this many seconds")
     ap.add_argument("--no-ldm-attn", action="store_true", help="skip the stock-ldm-attention run")
+    ap.add_argument("--kohya", type=Path, help="an sd-scripts checkout: also compare with its train_network.py")
+    ap.add_argument("--kohya-python", help="a Python that has sd-scripts' requirements")
+    ap.add_argument("--ours-python", default=sys.executable, help="the Python running ours from the checkpoint "
+                    "(needs the WebUI's packages; default: this one)")
+    ap.add_argument("--webui", type=Path, default=BED / "webui", help="the WebUI whose ldm code builds our model")
+    ap.add_argument("--checkpoint", type=Path, default=BED / "webui" / "models" / "Stable-diffusion" / "random-sd15.safetensors")
+    ap.add_argument("--kohya-rounds", type=int, default=2)
+    ap.add_argument("--kohya-steps", type=int, default=8, help="timed steps per checkpoint run")
+    ap.add_argument("--kohya-warmup", type=int, default=2)
+    ap.add_argument("--kohya-size", type=int, default=128, help="image side of the checkpoint comparison (the latent is 1/8)")
+    ap.add_argument("--kohya-images", type=int, default=8)
+    ap.add_argument("--kohya-only", action="store_true", help="skip the diffusers + peft comparison")
     ap.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(args.child, Path(args.work), Path(args.result))
-    if args.warmup < 1 or args.steps < 1:
-        ap.error("--warmup and --steps must be at least 1")
+    if args.warmup < 1 or args.steps < 1 or args.kohya_warmup < 1:
+        ap.error("--warmup, --kohya-warmup and --steps must be at least 1")
+    if args.kohya and not args.kohya_python:
+        ap.error("--kohya needs --kohya-python (a Python with sd-scripts' requirements)")
 
     machine = (f"torch {torch.__version__}, {args.threads} threads, CPU: {cpu_model()} ({os.cpu_count()} logical "
                f"cores visible), Python {platform.python_version()}")
     load_start = loadavg()
     log(f"{machine}; load average {load_start}")
+    if args.kohya:
+        checkpoint_comparison(args, machine)
+        if args.kohya_only:
+            return 0
     setup = dict(channels=args.channels, threads=args.threads, seed=args.seed, warmup=args.warmup, steps=args.steps,
                  batch=2, rank=16, size=256, images=args.images)
     with tempfile.TemporaryDirectory(prefix="lora-train-bench-") as tmp:

@@ -34,7 +34,7 @@ function sdloraTryWeights(name, targetId) {
         scheduler: field('scheduler input'),
     };
     target.textContent = 'Rendering one image per weight…';
-    fetch('./lora/v1/try-weights', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)})
+    fetch('./internal/lora/try-weights', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)})
         .then(function(r) {
             return r.ok ? r.json() : r.text().then(function(t) {
                 throw new Error(t);
@@ -50,4 +50,36 @@ function sdloraTryWeights(name, targetId) {
         .catch(function(e) {
             target.textContent = 'Try weights failed: ' + e.message;
         });
+}
+
+// The WebUI's progress bar starts hidden while its options have not reached the page yet (opts.show_progressbar
+// undefined): show it then, unless the user turned it off.
+function sdloraShowProgress(container) {
+    var div = container && container.parentNode.querySelector('.progressDiv');
+    if (div && opts.show_progressbar !== false) {
+        div.style.display = 'block';
+    }
+}
+
+// The WebUI's own progress bar (and live preview: the newest sample image) in the Train LoRA tab, following the
+// run's task in the WebUI's queue, as its Generate button follows a generation.
+function sdloraFollowTrainRun(taskId) {
+    var app = gradioApp();
+    if (taskId && !app.querySelector('#sdlora_train_job .progressDiv')) {
+        requestProgress(taskId, app.getElementById('sdlora_train_progress'), app.getElementById('sdlora_train_samples'),
+                        function() {});
+        sdloraShowProgress(app.getElementById('sdlora_train_progress'));
+    }
+    return [];
+}
+
+// A LoRA Tools button: a new task id as the first input, its progress shown by the WebUI's progress bar above the
+// tool's result.
+function sdloraToolStart(tool, args) {
+    var id = randomId();
+    var result = gradioApp().getElementById('sdlora_tools_' + tool + '_result');
+    requestProgress(id, result, null, function() {});
+    sdloraShowProgress(result);
+    args[0] = id;
+    return args;
 }

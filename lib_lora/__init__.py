@@ -1,4 +1,4 @@
-"""sd-webui-lora's engine: load any common LoRA/LyCORIS/PEFT file and patch SD1/SD2/SDXL models.
+"""sd-webui-lora's engine: load any common LoRA/LyCORIS/PEFT file and patch SD1/SD2/SDXL/SD3 models.
 
 Imports torch, safetensors and numpy only, never the WebUI, so it works and is tested on its own.
 """

@@ -9,11 +9,12 @@ import json
 import sys
 
 from .errors import LoraError
-from .inspect import inspect_file
 from .network import load
+from .summary import file_summary
 from .tools import (RankRule, as_modules, extract, merge_into_checkpoint, merge_networks, read_checkpoint, resize,
                     save_checkpoint, save_network)
-from .tools.lowrank import DYNAMIC, SAVE_DTYPES
+from .tools.lowrank import DYNAMIC
+from .train.metadata import SAVE_DTYPES
 
 
 def _rank_options(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args) -> None:
-    info = inspect_file(args.file)
+    info = file_summary(args.file)
     if args.json:
         print(json.dumps(info, indent=None, sort_keys=False))
         return

@@ -6,16 +6,23 @@ without the WebUI.
 from __future__ import annotations
 
 import logging
+import random
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from .block_presets import BlockPresets
+from .blocks import Random
 from .catalog import Catalog
 from .errors import LoraError
+from .hashes import short_hash
 from .keymap import family_mismatch
+from .network import Network
 from .patcher import ApplyResult, Patcher, Use
 from .prompt import Request
+from .sidecar import preferred_weight
 
 log = logging.getLogger("sd-webui-lora")
 
@@ -27,6 +34,7 @@ class Settings:
     warn_base_model: bool = True
     trigger_words: str = "warn"        # warn | add | ignore
     weight_limit: float = 1.0
+    presets: BlockPresets = field(default_factory=BlockPresets)
 
     @property
     def patch_mode(self) -> str:
@@ -42,21 +50,23 @@ class Report:
     hashes: dict[str, str] = field(default_factory=dict)
     add_to_prompt: list[str] = field(default_factory=list)
     in_use: set[str] = field(default_factory=set)
+    embeddings: dict[str, tuple[Network, str]] = field(default_factory=dict)  # bundled: name → (network, its name in the prompt)
     result: ApplyResult | None = None
 
 
 class Activator:
     """Owns the Patcher of the model currently loaded and re-targets when the model changes."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, make_patcher: Callable[[torch.nn.Module], Patcher] = Patcher):
         self.catalog = catalog
+        self.make_patcher = make_patcher
         self.patcher: Patcher | None = None
 
     def patcher_for(self, model: torch.nn.Module) -> Patcher:
         if self.patcher is None or self.patcher.model is not model:
             if self.patcher is not None:
                 self.patcher.restore()
-            self.patcher = Patcher(model)
+            self.patcher = self.make_patcher(model)
         return self.patcher
 
     def forget_model(self) -> None:
@@ -65,7 +75,9 @@ class Activator:
             self.patcher.forget()
         self.patcher = None
 
-    def build(self, requests: list[Request], family: str | None, prompt: str, settings: Settings) -> Report:
+    def build(self, requests: list[Request], family: str | None, prompt: str, settings: Settings,
+              rng: Random = random) -> Report:
+        """``rng`` draws LBW's random block weights (``R``/``U``); the global one by default, as LBW does."""
         rep = Report()
         for req in requests:
             entry, warning = self.catalog.resolve(req.name, settings.prefer_alias)
@@ -80,8 +92,9 @@ class Activator:
             except LoraError as e:
                 rep.errors.append(f"{req.name}: {e.message}")
                 continue
-            msg = family_mismatch(req.name, net.base_model, family)
-            if msg:
+            reason = family_mismatch(net.base_model, family)
+            if reason:
+                msg = f"{req.name}: {reason}"
                 if settings.warn_base_model:
                     rep.errors.append(msg)
                 else:
@@ -90,7 +103,7 @@ class Activator:
             user, problem = self.catalog.user_metadata(entry)
             if problem:
                 rep.warnings.append(problem)
-            preferred = _float(user.get("preferred weight")) or 1.0
+            preferred = preferred_weight(user) or 1.0
             te = req.te if req.te is not None else preferred
             unet = req.unet if req.unet is not None else te
             start, stop = req.start, req.stop
@@ -98,14 +111,22 @@ class Activator:
                 rep.warnings.append(f"{req.name}: start=/stop= need the bypass or auto apply mode; applied for every step")
                 start = stop = None
             try:
-                use = Use(net, te=te, unet=unet, dyn=req.dyn, blocks=req.lbw, start=start, stop=stop,
-                          mode="bypass" if settings.mode == "bypass" or start is not None or stop is not None else "merge")
+                blocks = settings.presets.block_weights(req.lbw, req.lbwe, req.x, family, rng)
+                use = Use(net, te=te, unet=unet, dyn=req.dyn, blocks=blocks, start=start, stop=stop)
             except ValueError as e:
                 rep.errors.append(f"{req.name}: {e}")
                 continue
+            if blocks is not None:
+                log.info("%s: block weights %s%s", req.name, blocks.spec, f", elements {req.lbwe}" if req.lbwe else "")
             rep.uses.append(use)
             rep.in_use.add(entry.relpath)
-            rep.hashes[req.name.replace(":", "").replace(",", "")] = self.catalog.ensure_hash(entry)[:12]
+            for emb in net.embeddings:
+                if emb in rep.embeddings:
+                    rep.warnings.append(f"{req.name}: its embedding {emb} is not used; "
+                                        f"{rep.embeddings[emb][1]} brings one of that name")
+                else:
+                    rep.embeddings[emb] = (net, req.name)
+            rep.hashes[req.name.replace(":", "").replace(",", "")] = short_hash(self.catalog.ensure_hash(entry))
             if max(abs(te), abs(unet)) > settings.weight_limit:
                 rep.warnings.append(f"{req.name}: weight {max(abs(te), abs(unet)):g} is above {settings.weight_limit:g}; "
                                     "weights above 1 may give broken images")
@@ -126,7 +147,7 @@ class Activator:
 
     def apply(self, model: torch.nn.Module, rep: Report, settings: Settings) -> Report:
         patcher = self.patcher_for(model)
-        patcher.step = None
+        patcher.set_step(None)
         rep.result = patcher.apply(rep.uses, mode=settings.patch_mode)
         rep.errors.extend(rep.result.errors)
         self.catalog.trim(keep=rep.in_use)
@@ -136,10 +157,3 @@ class Activator:
             log.info(msg)
         return rep
 
-
-def _float(value) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if v == v and v != 0 else None

@@ -10,103 +10,27 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from typing import Callable
 
-import torch
-
-from .adapters import make_adapter
 from .catalog import Catalog, Entry
-from .errors import LoraError
-from .keymap import detect_family, split_key
 from .prompt import TOKEN
-from .safetensors_io import Header, read_header
+from .structure import Structure
 
-LARGE_RANK = 32
 TRY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".preview.jpg", ".webp", ".preview.webp",
                     ".jpeg", ".preview.jpeg", ".gif", ".preview.gif")
-# The editor's "sd version" values (the WebUI's own) and the engine's family names.
-SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}
+# The editor's "sd version" values (the WebUI's own, and SD3) and the engine's family names.
+SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "SD3": "sd3"}
 VERSION_OF = {v: k for k, v in SD_VERSIONS.items()}
-KIND_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "Full",
-               "norm": "Norm", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA"}
 MAX_INFO_BYTES = 16 * 1024 ** 2
 
 
-@dataclass(frozen=True)
-class Structure:
-    """A file's make-up as its header tells it; ``error`` when the header is unusable."""
-
-    kinds: dict[str, int] = field(default_factory=dict)
-    rank: int | None = None
-    base_model: str | None = None
-    dora: bool = False
-    error: str | None = None
-
-    @property
-    def kind(self) -> str | None:
-        """The label of the most common kind, e.g. "LoRA", "LoCon", "LoHa+DoRA"."""
-        if not self.kinds:
-            return None
-        kind = max(self.kinds, key=self.kinds.get)
-        if self.dora:
-            return "DoRA" if kind in ("lora", "locon") else KIND_LABELS[kind] + "+DoRA"
-        return KIND_LABELS.get(kind, kind)
-
-    @property
-    def large(self) -> bool:
-        return self.rank is not None and self.rank >= LARGE_RANK
-
-
-def structure_from_header(header: Header) -> Structure:
-    """Group the header's keys into modules and let the engine's adapter kinds name them, on shapes only
-    (meta tensors: nothing is read or allocated)."""
-    split = {k: s for k in header.tensors if (s := split_key(k)) is not None}
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, (part, module, param) in split.items():
-        if param != "alpha":  # a scalar whose value the adapters would read
-            groups.setdefault((part, module), {})[param] = torch.empty(header.tensors[key].shape, device="meta")
-    kinds: Counter[str] = Counter()
-    ranks: Counter[int] = Counter()
-    dora = False
-    for w in groups.values():
-        try:
-            adapter = make_adapter("", w)
-        except (KeyError, IndexError, RuntimeError):
-            adapter = None
-        if adapter is None:
-            continue
-        kind = adapter.kind
-        down = w.get("lora_down.weight")
-        if kind == "lora" and down is not None and down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
-            kind = "locon"
-        kinds[kind] += 1
-        dora = dora or adapter.magnitude is not None
-        if adapter.rank and kind not in ("oft", "boft"):  # an OFT "rank" is a block size
-            ranks[adapter.rank] += 1
-    family = detect_family(split, {k: header.tensors[k].shape for k in split}, header.metadata)
-    if kinds and {"lora", "locon"} <= set(kinds):
-        kinds["locon"] += kinds.pop("lora")
-    rank = ranks.most_common(1)[0][0] if ranks else None
-    return Structure(dict(kinds), rank, family, dora, None if kinds else "no network modules recognised")
-
-
-@functools.lru_cache(maxsize=4096)
-def _structure(path: str, mtime: float, size: int) -> Structure:
-    if not path.lower().endswith(".safetensors"):
-        return Structure()
-    try:
-        return structure_from_header(read_header(path))
-    except LoraError as e:
-        return Structure(error=e.reason)
-
-
 def structure(entry: Entry) -> Structure:
-    """Cached per file version, so a page refresh reads only new or changed headers."""
-    return _structure(entry.path, entry.mtime, entry.size)
+    """The file's make-up, as the catalog read it from the header (once per file version)."""
+    return entry.structure
 
 
 # ---- civitai.info -------------------------------------------------------------------------------
@@ -122,6 +46,8 @@ def civitai_family(label: str) -> str | None:
     low = label.lower().strip()
     if low.startswith("sdxl") or low.startswith(("pony", "illustrious", "noobai")):
         return "sdxl"
+    if low.startswith("sd 3"):  # "SD 3", "SD 3.5 Large", "SD 3.5 Medium", ...
+        return "sd3"
     if low.startswith("sd 2"):
         return "sd2"
     if low.startswith("sd 1"):
@@ -177,23 +103,19 @@ def html_to_text(text: str) -> str:
 
 
 # ---- user metadata and base model -----------------------------------------------------------------
-def preferred_weight(user: dict) -> float:
-    """The sidecar's "preferred weight"; 0 (use the default) when absent or not a number."""
-    try:
-        value = float(user.get("preferred weight") or 0)
-    except (TypeError, ValueError):
-        return 0.0
-    return value if 0 < value <= 100 else 0.0
-
-
 def base_model(user: dict, detected: str | None, civitai: Civitai) -> str | None:
     """The user's "sd version" first, then the file's structure, then civitai's label."""
     return SD_VERSIONS.get(str(user.get("sd version", ""))) or detected or civitai.base_model
 
 
-def fits(family: str | None, model_family: str | None, hide_incompatible: bool) -> bool:
-    """Unknown families are always shown: hiding a usable file is worse than showing an unusable one."""
-    return not hide_incompatible or family is None or model_family is None or family == model_family
+def fits(family: str | None, model_family: str | None, show_all: bool = False, hide_unknown_for=()) -> bool:
+    """Whether a card is shown beside a loaded model (the built-in's rules: ``lora_show_all`` and
+    ``lora_hide_unknown_for_versions``, a list of "SD1"/"SD2"/"SDXL")."""
+    if show_all or model_family is None:
+        return True
+    if family is None:
+        return VERSION_OF.get(model_family) not in hide_unknown_for
+    return family == model_family
 
 
 def description(user: dict, civitai: Civitai) -> str:
@@ -214,7 +136,14 @@ def _json(metadata: dict, key: str):
 def tag_counts(metadata: dict) -> list[tuple[str, int]]:
     """All folders' ``ss_tag_frequency`` summed, most frequent first; caption sets made of sentences
     rather than comma tags are counted by word (as the WebUI's editor does)."""
-    freq = _json(metadata, "ss_tag_frequency")
+    raw = metadata.get("ss_tag_frequency")
+    return list(_tag_counts(raw)) if isinstance(raw, str) else []
+
+
+@functools.lru_cache(maxsize=4096)
+def _tag_counts(raw: str) -> tuple[tuple[str, int], ...]:
+    """Counted once per distinct text: every card of a big library asks again on each page render."""
+    freq = _json({"ss_tag_frequency": raw}, "ss_tag_frequency")
     tags: Counter[str] = Counter()
     if isinstance(freq, dict):
         for folder in freq.values():
@@ -232,7 +161,7 @@ def tag_counts(metadata: dict) -> list[tuple[str, int]]:
                 if len(word) >= 3:
                     words[word] += count
         tags = words
-    return sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def suggestions(metadata: dict, civitai: Civitai, limit: int = 30) -> list[tuple[str, str]]:

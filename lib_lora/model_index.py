@@ -13,6 +13,9 @@ ROOTS = (
     ("cond_stage_model.model.", "te", True),
     ("conditioner.embedders.0.transformer.", "te", False),
     ("conditioner.embedders.1.model.", "te2", True),
+    ("text_encoders.clip_l.transformer.", "te", False),  # SD3 (the WebUI's modules/models/sd3)
+    ("text_encoders.clip_g.transformer.", "te2", False),
+    ("text_encoders.t5xxl.transformer.", "te3", False),
 )
 
 
@@ -45,6 +48,10 @@ class ModelIndex:
         self.family = self._family()
 
     def _family(self) -> str | None:
+        if "te3" in self.open_clip or any(p == "unet" and path.startswith("joint_blocks_") for p, path in self.modules):
+            return "sd3"
+        if "te2" in self.open_clip and not self.open_clip["te2"]:  # CLIP-G with HF naming: SD3's, T5 off
+            return "sd3"
         if "te2" in self.open_clip:
             return "sdxl"
         if "te" in self.open_clip:
@@ -60,27 +67,25 @@ class ModelIndex:
         """(checkpoint name, module, sub) for a target, or None when the model has no such module."""
         hit = self.modules.get((target.part, target.path))
         if hit is not None:
-            if target.sub and not isinstance(hit[1], torch.nn.MultiheadAttention):
+            if target.sub and not fused_qkv(*hit):
                 return None
             return hit[0], hit[1], target.sub
         for sub in ("q", "k", "v"):
             suffix = f"_{sub}_proj"
             if target.path.endswith(suffix):
                 hit = self.modules.get((target.part, target.path[: -len(suffix)]))
-                if hit is not None and isinstance(hit[1], torch.nn.MultiheadAttention):
+                if hit is not None and fused_qkv(*hit):
                     return hit[0], hit[1], sub
         return None
 
     def weight(self, target: Target) -> torch.Tensor | None:
-        """The model's weight for a target (detached; q/k/v: its rows of in_proj_weight), or None."""
+        """The model's weight for a target (detached; q/k/v: its rows of the fused weight), or None."""
         hit = self.resolve(target)
         if hit is None:
             return None
         _name, module, sub = hit
-        if isinstance(module, torch.nn.MultiheadAttention):
-            w = module.in_proj_weight.detach()
-            return w[qkv_slice(sub, w.shape[0] // 3)]
-        return module.weight.detach()
+        w = (module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.weight).detach()
+        return w[qkv_slice(sub, w.shape[0] // 3)] if sub else w
 
     def kohya_name(self, target: Target) -> str:
         """The module name kohya's trainers write for a target of this model (q/k/v as ``..._q_proj``)."""
@@ -88,7 +93,15 @@ class ModelIndex:
         return kohya_name(target.part, path, self.open_clip.get(target.part, False), self.family)
 
 
+def fused_qkv(name: str, module: torch.nn.Module) -> bool:
+    """A module holding q, k and v as thirds of one weight: nn.MultiheadAttention's in_proj, or SD3's ``….qkv``
+    Linear (the WebUI's mmdit.QkvLinear; known by its checkpoint name, so a checkpoint's plain Linear counts too)."""
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return True
+    return isinstance(module, torch.nn.Linear) and name.endswith(".qkv") and module.out_features % 3 == 0
+
+
 def qkv_slice(sub: str, size: int) -> slice:
-    """The rows of q, k or v in an nn.MultiheadAttention's packed in_proj (each ``size`` rows)."""
+    """The rows of q, k or v in a fused weight (nn.MultiheadAttention's in_proj, SD3's qkv; each ``size`` rows)."""
     i = "qkv".index(sub)
     return slice(i * size, (i + 1) * size)

@@ -4,19 +4,22 @@ merge: each touched weight becomes backup + Σ multiplier·Δ (summed in fp32, w
 modules whose set of contributions changed since the last apply are rewritten.
 bypass: a forward hook adds Σ multiplier·adapter(x) to the module's output, computed from the
 adapter's own factors; nothing in the module's parameters changes.
+Each touched layer has one ``PatchedLayer`` record: its backup, what it carries, and its hook.
 Any exception while writing restores every touched tensor from its backup before it propagates.
 """
 from __future__ import annotations
 
 import math
-import types
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .adapters import Adapter
 from .blocks import BlockWeights
+from .devices import WORK_DTYPE, BackupPlace, restore_into
+from .forward_swap import ForwardSwap
 from .keymap import Target, family_mismatch
 from .mha import mha_forward
 from .model_index import ModelIndex, qkv_slice
@@ -55,11 +58,16 @@ class Use:
     def multiplier(self, target: Target) -> float:
         m = self.unet if target.part == "unet" else self.te
         if self.blocks is not None:
-            m *= self.blocks.multiplier(target.part, target.path)
+            m *= self.blocks.multiplier(target.part, target.path, target.sub)
         return m
 
     def scheduled(self) -> bool:
         return self.start is not None or self.stop is not None
+
+    def mode_for(self, default: str) -> str:
+        """This network's apply mode: its own, else bypass when scheduled (a merge cannot switch per step),
+        else the stack's."""
+        return self.mode or ("bypass" if self.scheduled() else default)
 
     def active_at(self, step: int | None, total: int | None = None) -> bool:
         """Whether a scheduled network is on at this sampling step (values below 1 are fractions of ``total``)."""
@@ -90,47 +98,94 @@ class Contribution:
         return (self.adapter, self.sub, self.multiplier, self.dyn, self.use.start, self.use.stop)
 
 
-class Patcher:
-    """Applies stacks of networks to one model; keeps the only backups of what it touched."""
+@dataclass(eq=False)
+class PatchedLayer:
+    """Everything the patcher did to one layer: the original parameters it will put back (merge), the
+    contributions the layer carries in each mode, and the hook or replaced forward of its bypass."""
 
-    def __init__(self, model: torch.nn.Module):
+    name: str
+    module: torch.nn.Module
+    backup: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged: tuple = ()
+    bypassed: tuple = ()
+    handle: object | None = None  # a forward-hook handle or a ForwardSwap; both have remove()
+
+    def original(self, pname: str, device: torch.device) -> torch.Tensor:
+        """A parameter as it was before any merge, on ``device`` (a bypass needs it beside its input)."""
+        t = self.backup.get(pname)
+        return getattr(self.module, pname) if t is None else t.to(device, non_blocking=t.is_pinned())
+
+    def backup_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.backup.values())
+
+
+@dataclass
+class Plan:
+    """The contributions each layer should carry, by mode, and why everything else was left out."""
+
+    merge: dict[str, list[Contribution]] = field(default_factory=dict)
+    bypass: dict[str, list[Contribution]] = field(default_factory=dict)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    result: ApplyResult = field(default_factory=ApplyResult)
+
+
+class Patcher:
+    """Applies stacks of networks to one model; keeps the only backups of what it touched.
+
+    ``backups`` says where merge backups live (CPU memory for weights on a GPU, by default).
+    ``precise_weight(module, pname)`` may give a higher-precision copy of a weight stored in a lossy dtype
+    (the WebUI's fp16 cache of its fp8 weights): merges are then computed from it rather than from the
+    stored weight, so stacking and changing weights never compounds the storage's rounding.
+    """
+
+    def __init__(self, model: torch.nn.Module, backups: BackupPlace = BackupPlace(),
+                 precise_weight: Callable[[torch.nn.Module, str], torch.Tensor | None] | None = None):
         self.model = model
         self.index = ModelIndex(model)
-        self.step: int | None = None
-        self.total_steps: int | None = None
-        self._backups: dict[str, dict[str, torch.Tensor]] = {}
-        self._modules: dict[str, torch.nn.Module] = {}
-        self._merged: dict[str, tuple] = {}
-        self._bypassed: dict[str, tuple] = {}
-        self._hooks: dict[str, object] = {}
+        self.backups = backups
+        self.precise_weight = precise_weight
+        self.layers: dict[str, PatchedLayer] = {}
+        self._step: int | None = None
+        self._total_steps: int | None = None
         self._fits: weakref.WeakKeyDictionary[Adapter, dict[tuple, str | None]] = weakref.WeakKeyDictionary()
 
     @property
     def family(self) -> str | None:
         return self.index.family
 
+    @property
+    def step(self) -> int | None:
+        return self._step
+
+    @property
+    def total_steps(self) -> int | None:
+        return self._total_steps
+
+    def set_step(self, step: int | None, total: int | None = None) -> None:
+        """The sampling step scheduled networks are checked against (None: outside sampling, all run)."""
+        self._step, self._total_steps = step, total
+
     def backup_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self._backups.values() for t in b.values())
+        return sum(layer.backup_bytes() for layer in self.layers.values())
 
     # ---- planning ---------------------------------------------------------------------------
-    def plan(self, uses: list[Use], mode: str = "merge") -> tuple[dict[str, list[Contribution]], dict[str, list[Contribution]], ApplyResult]:
-        """Which contributions go to which module, in which mode; reasons for everything left out."""
+    def plan(self, uses: list[Use], mode: str = "merge") -> Plan:
+        """Which contributions go to which layer, in which mode; reasons for everything left out."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        res = ApplyResult()
-        merge: dict[str, list[Contribution]] = {}
-        bypass: dict[str, list[Contribution]] = {}
+        plan = Plan()
+        res = plan.result
         matched: dict[str, None] = {}
         for use in uses:
             net = use.network
-            msg = family_mismatch(net.name, net.base_model, self.index.family)
-            if msg:
-                res.errors.append(msg)
+            reason = family_mismatch(net.base_model, self.index.family)
+            if reason:
+                res.errors.append(f"{net.name}: {reason}")
                 for adapter in net.modules.values():
-                    res.skipped[adapter.key] = msg
+                    res.skipped[adapter.key] = reason
                 continue
             res.skipped.update(net.unmatched)
-            use_mode = use.mode or ("bypass" if use.scheduled() else mode)
+            use_mode = use.mode_for(mode)
             for target, adapter in net.modules.items():
                 m = use.multiplier(target)
                 if m == 0:
@@ -148,12 +203,12 @@ class Patcher:
                 if use_mode == "bypass" and name in self.index.parent_mha:
                     home, sub = self.index.parent_mha[name], "out"
                     module = self.index.by_name[home]
-                self._modules[home] = module
-                (bypass if use_mode == "bypass" else merge).setdefault(home, []).append(
+                plan.modules[home] = module
+                (plan.bypass if use_mode == "bypass" else plan.merge).setdefault(home, []).append(
                     Contribution(adapter, sub, m, use.dyn, use))
                 matched[name] = None
         res.matched = list(matched)
-        return merge, bypass, res
+        return plan
 
     def _fit(self, adapter: Adapter, module: torch.nn.Module, sub: str | None, dyn: int | None) -> str | None:
         """Why the adapter cannot patch this weight, checked on meta tensors (no data touched)."""
@@ -181,137 +236,130 @@ class Patcher:
 
     # ---- applying ---------------------------------------------------------------------------
     def apply(self, uses: list[Use], mode: str = "merge") -> ApplyResult:
-        """Make the model carry exactly these networks; unchanged modules are not touched."""
-        merge, bypass, res = self.plan(uses, mode)
+        """Make the model carry exactly these networks; unchanged layers are not touched."""
+        plan = self.plan(uses, mode)
+        res = plan.result
         try:
             with torch.no_grad():
-                for name in list(self._merged) + [n for n in merge if n not in self._merged]:
-                    want = tuple(c.signature() for c in merge.get(name, ()))
-                    if self._merged.get(name, ()) == want:
+                for name in list(self.layers) + [n for n in {**plan.merge, **plan.bypass} if n not in self.layers]:
+                    layer = self.layers.get(name) or PatchedLayer(name, plan.modules[name])
+                    merge = tuple(c.signature() for c in plan.merge.get(name, ()))
+                    bypass = tuple(c.signature() for c in plan.bypass.get(name, ()))
+                    if layer.merged == merge and layer.bypassed == bypass:
                         continue
-                    if want:
-                        self._write(name, merge[name], fresh=name not in self._merged)
-                        self._merged[name] = want
-                        for c in merge[name]:
-                            c.adapter.drop_cache()
-                    else:
-                        self._restore_module(name)
-                        del self._merged[name]
-                        self._drop_backup_if_unused(name)
-                    res.written.append(name)
-                for name in list(self._bypassed) + [n for n in bypass if n not in self._bypassed]:
-                    want = tuple(c.signature() for c in bypass.get(name, ()))
-                    if self._bypassed.get(name, ()) == want:
-                        continue
-                    self._unhook(name)
-                    if want:
-                        self._hook(name, bypass[name])
-                        self._bypassed[name] = want
+                    self.layers[name] = layer
+                    if layer.merged != merge:
+                        if merge:
+                            self._write(layer, plan.merge[name])
+                        else:
+                            self._restore_layer(layer)
+                        layer.merged = merge
+                    if layer.bypassed != bypass:
+                        self._unhook(layer)
+                        if bypass:
+                            self._hook(layer, plan.bypass[name])
+                        layer.bypassed = bypass
+                    if not layer.merged and not layer.bypassed:
+                        del self.layers[name]
                     res.written.append(name)
         except BaseException:
             self.restore()
             raise
         return res
 
-    def _write(self, name: str, contribs: list[Contribution], fresh: bool = False) -> None:
-        """Weight = backup + Σ deltas; ``fresh`` says the weight still equals its backup (no copy needed)."""
-        module = self._modules[name]
-        backup = self._backups.get(name)
-        if backup is None:
-            backup = {pname: p.detach().clone() for pname, p in module.named_parameters(recurse=False)}
-            self._backups[name] = backup
+    def _write(self, layer: PatchedLayer, contribs: list[Contribution]) -> None:
+        """Weight = original + Σ deltas, summed in fp32 on the weight's device and written once."""
+        module = layer.module
+        fresh = not layer.backup
+        if fresh:
+            layer.backup = {pname: self.backups.backup(p) for pname, p in module.named_parameters(recurse=False)}
         wname = "in_proj_weight" if isinstance(module, torch.nn.MultiheadAttention) else "weight"
         bname = "in_proj_bias" if wname == "in_proj_weight" else "bias"
         weight = getattr(module, wname).detach()
-        orig = backup[wname].to(device=weight.device, dtype=torch.float32)
-        buf = weight if weight.dtype == torch.float32 and weight.is_contiguous() else orig.clone()
-        if buf is weight and not fresh:
-            buf.copy_(backup[wname])
+        if weight.dtype == WORK_DTYPE and weight.is_contiguous():
+            buf = weight
+            if not fresh:
+                restore_into(buf, layer.backup[wname])
+        else:
+            buf = self._merge_basis(layer, wname, weight, copy=True)
+        # Most kinds read only the weight's shape: the work buffer stands in, and the layer costs one buffer.
+        needs_orig = any(c.adapter.needs_original() for c in contribs)
+        orig = self._merge_basis(layer, wname, weight) if needs_orig else buf
         bias_buf = None
         for c in contribs:
             sl = qkv_slice(c.sub, orig.shape[0] // 3) if c.sub else slice(None)
             db = c.adapter.merge_into(buf[sl], orig[sl], c.multiplier, c.dyn)
             if db is not None:
                 if bias_buf is None:
-                    bias_buf = backup[bname].to(device=weight.device, dtype=torch.float32).clone()
+                    bias_buf = self._merge_basis(layer, bname, weight, copy=True)
                 bias_buf[sl] += db.reshape(bias_buf[sl].shape)
+            c.adapter.drop_cache()
         if buf is not weight:
             weight.copy_(buf)
         if bias_buf is not None:
             getattr(module, bname).detach().copy_(bias_buf)
-        elif bname in backup and backup[bname] is not None:
-            getattr(module, bname).detach().copy_(backup[bname])
+        elif layer.backup.get(bname) is not None:
+            restore_into(getattr(module, bname), layer.backup[bname])
 
-    def _restore_module(self, name: str) -> None:
-        module = self._modules[name]
-        for pname, t in self._backups.get(name, {}).items():
-            getattr(module, pname).detach().copy_(t)
+    def _merge_basis(self, layer: PatchedLayer, pname: str, weight: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """The original parameter in fp32 on the weight's device (the precise copy when the caller has one);
+        ``copy``: a tensor of its own, to be written into."""
+        precise = self.precise_weight(layer.module, pname) if self.precise_weight else None
+        source = precise if precise is not None else layer.backup[pname]
+        return source.to(device=weight.device, dtype=WORK_DTYPE, non_blocking=source.is_pinned(), copy=copy)
 
-    def _drop_backup_if_unused(self, name: str) -> None:
-        if name not in self._merged:
-            self._backups.pop(name, None)
+    def _restore_layer(self, layer: PatchedLayer) -> None:
+        for pname, t in layer.backup.items():
+            restore_into(getattr(layer.module, pname), t)
+        layer.backup = {}
 
     # ---- bypass -----------------------------------------------------------------------------
-    def _hook(self, name: str, contribs: list[Contribution]) -> None:
-        module = self._modules[name]
+    def _hook(self, layer: PatchedLayer, contribs: list[Contribution]) -> None:
+        module = layer.module
         patcher = self
         if isinstance(module, torch.nn.MultiheadAttention):
-            previous = module.__dict__.get("forward")
+            def forward(*args, **kwargs):
+                return _mha_bypass_forward(module, layer, contribs, patcher, *args, **kwargs)
 
-            def forward(self_, *args, **kwargs):
-                return _mha_bypass_forward(self_, name, contribs, patcher, *args, **kwargs)
-
-            module.forward = types.MethodType(forward, module)
-            self._hooks[name] = ("forward", previous)
+            layer.handle = ForwardSwap(module, forward)
             return
+
+        needs_orig = any(c.adapter.needs_original() for c in contribs)
 
         def hook(mod, args, out):
             x = args[0]
-            weight = patcher._original(name, "weight", mod)
+            weight = layer.original("weight", x.device) if needs_orig else mod.weight
             for c in contribs:
-                if c.use.active_at(patcher.step, patcher.total_steps):
+                if not c.use.active_at(patcher.step, patcher.total_steps):
+                    continue
+                if c.sub:  # a third of a fused qkv Linear (SD3): its outputs are that third of the features
+                    sl = qkv_slice(c.sub, weight.shape[0] // 3)
+                    out[..., sl] = c.adapter.bypass_add(out[..., sl], x, mod, weight[sl], c.multiplier, c.dyn)
+                else:
                     out = c.adapter.bypass_add(out, x, mod, weight, c.multiplier, c.dyn)
             return out
 
-        self._hooks[name] = ("hook", module.register_forward_hook(hook))
+        layer.handle = module.register_forward_hook(hook)
 
-    def _original(self, name: str, pname: str, module: torch.nn.Module) -> torch.Tensor:
-        backup = self._backups.get(name)
-        return backup[pname] if backup and pname in backup else getattr(module, pname)
-
-    def _unhook(self, name: str) -> None:
-        entry = self._hooks.pop(name, None)
-        self._bypassed.pop(name, None)
-        if entry is None:
-            return
-        kind, payload = entry
-        module = self._modules[name]
-        if kind == "hook":
-            payload.remove()
-        elif payload is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = payload
+    def _unhook(self, layer: PatchedLayer) -> None:
+        if layer.handle is not None:
+            layer.handle.remove()
+            layer.handle = None
 
     # ---- restoring --------------------------------------------------------------------------
     def forget(self) -> None:
         """Drop hooks and backups without writing: the model's weights were replaced from outside."""
-        for name in list(self._hooks):
-            self._unhook(name)
-        self._backups.clear()
-        self._merged.clear()
-        self._bypassed.clear()
+        for layer in self.layers.values():
+            self._unhook(layer)
+        self.layers.clear()
 
     def restore(self) -> None:
         """Every touched tensor back to its original bits; every hook removed."""
         with torch.no_grad():
-            for name in list(self._hooks):
-                self._unhook(name)
-            for name in list(self._backups):
-                self._restore_module(name)
-        self._backups.clear()
-        self._merged.clear()
-        self._bypassed.clear()
+            for layer in self.layers.values():
+                self._unhook(layer)
+                self._restore_layer(layer)
+        self.layers.clear()
 
 
 def _weight_shape(module: torch.nn.Module, sub: str | None) -> tuple[int, ...] | None:
@@ -321,7 +369,9 @@ def _weight_shape(module: torch.nn.Module, sub: str | None) -> tuple[int, ...] |
             return None if w is None else (w.shape[0] // 3, w.shape[1])
         return tuple(module.out_proj.weight.shape)
     w = getattr(module, "weight", None)
-    return None if w is None else tuple(w.shape)
+    if w is None:
+        return None
+    return (w.shape[0] // 3, *w.shape[1:]) if sub in ("q", "k", "v") else tuple(w.shape)
 
 
 def _has_bias(module: torch.nn.Module, sub: str | None) -> bool:
@@ -330,14 +380,18 @@ def _has_bias(module: torch.nn.Module, sub: str | None) -> bool:
     return getattr(module, "bias", None) is not None
 
 
-def _mha_bypass_forward(mha: torch.nn.MultiheadAttention, name: str, contribs: list[Contribution], patcher: Patcher,
-                        *args, **kwargs):
+def _mha_bypass_forward(mha: torch.nn.MultiheadAttention, layer: PatchedLayer, contribs: list[Contribution],
+                        patcher: Patcher, *args, **kwargs):
     """nn.MultiheadAttention's forward with each active adapter's extra q/k/v/out projections added."""
     e = mha.embed_dim
-    w_in = patcher._original(name, "in_proj_weight", mha)
-    weights = {sub: w_in[i * e:(i + 1) * e] for i, sub in enumerate("qkv")}
-    weights["out"] = patcher._original(name + ".out_proj", "weight", mha.out_proj)
     active = [c for c in contribs if c.use.active_at(patcher.step, patcher.total_steps)]
+    w_in, w_out = mha.in_proj_weight, mha.out_proj.weight
+    if any(c.adapter.needs_original() for c in active):
+        out_layer = patcher.layers.get(layer.name + ".out_proj")
+        w_in = layer.original("in_proj_weight", w_in.device)
+        w_out = out_layer.original("weight", w_out.device) if out_layer else w_out
+    weights = {sub: w_in[i * e:(i + 1) * e] for i, sub in enumerate("qkv")}
+    weights["out"] = w_out
 
     def extra(sub: str, x: torch.Tensor) -> torch.Tensor | None:
         add = None

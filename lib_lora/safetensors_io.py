@@ -7,11 +7,14 @@ the file and not overlapping) before any tensor byte is touched; pickled formats
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zipfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .errors import LoraError
@@ -29,6 +32,10 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         TORCH_DTYPES[_name] = getattr(torch, _attr)
 
+# The safetensors library writes tensors by this order of dtypes, last first (then by name): larger elements
+# come first, so every tensor is aligned to its element size.
+WRITE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
@@ -40,8 +47,7 @@ class Limits:
     max_header_bytes: int = 64 * 1024 ** 2
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     begin: int
@@ -92,6 +98,15 @@ def read_header(path: str, limits: Limits = Limits()) -> Header:
 
 
 def _tensor_info(path: str, key: str, entry: object, data_len: int) -> TensorInfo:
+    """One header entry, checked; the common valid case in one expression (headers have hundreds of entries, and
+    a library's headers are all read at start-up), the checks one by one only to name what is wrong."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if (type(shape) is list and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len
+                and all(type(d) is int and d >= 0 for d in shape) and math.prod(shape) * DTYPE_SIZES[dtype] == end - begin):
+            return TensorInfo(dtype, tuple(shape), begin, end)
+    except (TypeError, KeyError, ValueError):
+        pass
     if not isinstance(entry, dict):
         raise LoraError(path, f"header entry {key!r} is not an object", "the file is corrupt")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -125,28 +140,86 @@ def _file_size(path: str, limits: Limits) -> int:
     return size
 
 
-def load_safetensors(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Validated tensors and ``__metadata__`` of a safetensors file, on the CPU."""
-    header = read_header(path, limits)
+def _check_dtypes(path: str, header: Header) -> None:
     for key, info in header.tensors.items():
         if info.dtype not in TORCH_DTYPES:
             raise LoraError(path, f"tensor {key!r} has dtype {info.dtype}, which torch here cannot hold", "convert the file to fp16 or fp32")
-    with open(path, "rb") as f:
-        f.seek(header.data_start)
-        data = bytearray(f.read())
+
+
+def load_safetensors(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validated tensors and ``__metadata__`` of a safetensors file, on the CPU. Each tensor is read straight
+    into its own memory, in file order: loading holds nothing but the tensors it returns."""
+    header = read_header(path, limits)
+    _check_dtypes(path, header)
+    tensors = {}
+    with open(path, "rb", buffering=0) as f:
+        for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
+            raw = torch.empty(info.end - info.begin, dtype=torch.uint8)
+            f.seek(header.data_start + info.begin)
+            if _read_into(f, memoryview(raw.numpy())) != info.end - info.begin:
+                raise LoraError(path, f"the file ended inside tensor {key!r}", "the file was changed while being read; try again")
+            tensors[key] = raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    return {key: tensors[key] for key in header.tensors}, header.metadata
+
+
+def _read_into(f, view: memoryview) -> int:
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def map_safetensors(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validated tensors of a safetensors file as views of a private memory map: nothing is read until a tensor
+    is used, and writes to a tensor stay in this process (copy-on-write), never reach the file. For checkpoints,
+    which are read once and let go; a network that stays cached is read with ``load_safetensors``."""
+    header = read_header(path, limits)
+    _check_dtypes(path, header)
+    size = header.data_start + max((info.end for info in header.tensors.values()), default=0)
+    try:
+        data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(path, False, size))
+    except RuntimeError:
+        raise LoraError(path, "the file is shorter than its header says", "the file was changed while being read; try again") from None
     tensors = {}
     for key, info in header.tensors.items():
-        chunk = memoryview(data)[info.begin:info.end]
-        t = torch.frombuffer(chunk, dtype=TORCH_DTYPES[info.dtype]) if len(chunk) else torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
-        tensors[key] = t.reshape(info.shape).clone()
+        raw = data[header.data_start + info.begin:header.data_start + info.end]
+        if (header.data_start + info.begin) % DTYPE_SIZES[info.dtype]:
+            raw = raw.clone()  # an unaligned tensor cannot be viewed in place; it gets memory of its own
+        tensors[key] = raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
     return tensors, header.metadata
 
 
-def load_pickled(path: str, limits: Limits = Limits()) -> dict[str, torch.Tensor]:
-    """A legacy .pt/.ckpt/.bin state dict through the weights-only unpickler, never the full one."""
+def save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """The safetensors layout the ``safetensors`` library writes (same bytes), streamed tensor by tensor: no
+    second copy of the data is made, so a checkpoint is written with the memory it already holds."""
+    names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (-WRITE_ORDER.index(names[tensors[k].dtype]), k))
+    doc: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        doc[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in order:
+            t = tensors[key].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def load_pickled(path: str, limits: Limits = Limits(), mapped: bool = False) -> dict[str, torch.Tensor]:
+    """A legacy .pt/.ckpt/.bin state dict through the weights-only unpickler, never the full one; ``mapped``:
+    a zip-format file's tensors stay in a private memory map until used (as ``map_safetensors``)."""
     _file_size(path, limits)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and zipfile.is_zipfile(path))
     except Exception as e:  # the weights-only unpickler refuses anything that could run code
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
         if zipfile.is_zipfile(path) or "weights_only" in str(e) or "Unsupported" in str(e):
@@ -163,18 +236,20 @@ def load_pickled(path: str, limits: Limits = Limits()) -> dict[str, torch.Tensor
     return tensors
 
 
-def read_state_dict(path: str, limits: Limits = Limits()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of any supported network file, by suffix."""
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``, in one pass without temporaries the size of ``t`` (numpy's isfinite; torch's
+    builds several and is slow on CPUs in half precision). Types numpy lacks are widened first."""
+    t = t.detach().cpu()
+    if t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()
+    return bool(np.isfinite(t.numpy()).all())
+
+
+def read_state_dict(path: str, limits: Limits = Limits(), mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of any supported file, by suffix; ``mapped``: in a private memory map, read as used."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
-        return load_safetensors(path, limits)
+        return map_safetensors(path, limits) if mapped else load_safetensors(path, limits)
     if suffix in SUFFIXES:
-        return load_pickled(path, limits), {}
+        return load_pickled(path, limits, mapped), {}
     raise LoraError(path, f"unsupported file type {suffix or '(none)'!r}", "use .safetensors, .pt, .ckpt or .bin")
-
-
-def read_metadata(path: str, limits: Limits = Limits()) -> dict[str, str]:
-    """Just the ``__metadata__`` of a safetensors file (empty for other kinds)."""
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        return {}
-    return read_header(path, limits).metadata

@@ -7,12 +7,14 @@ sidecar is reported and kept aside as ``name.json.bad``, never silently overwrit
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from typing import Callable
 
 from .errors import LoraError
+from .prompt import MAX_WEIGHT
 
 KEYS = ("description", "activation text", "preferred weight", "negative text", "notes", "sd version")
 
@@ -35,6 +37,16 @@ def read(network_path: str) -> dict:
     if not isinstance(data, dict):
         raise LoraError(path, "user metadata is not a JSON object", "fix or delete it")
     return data
+
+
+def preferred_weight(user: dict) -> float:
+    """The sidecar's "preferred weight": a finite number within a prompt's weight limit (±MAX_WEIGHT); 0, meaning
+    unset (the default weight), when absent, zero, out of range or not a number."""
+    try:
+        value = float(user.get("preferred weight") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and abs(value) <= MAX_WEIGHT else 0.0
 
 
 def read_or_empty(network_path: str) -> tuple[dict, str | None]:

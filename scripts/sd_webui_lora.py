@@ -26,12 +26,16 @@ class Script(scripts.Script):
     def process(self, p, *args):
         train_tab.refuse_while_training(p)
         glue.job_started(p)
+        glue.record_networks_switch(p)
 
     def before_process_batch(self, p, *args, **kwargs):
         glue.strip_negative_tokens(p)
 
     def process_batch(self, p, *args, **kwargs):
         glue.strip_hires_negative_tokens(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        glue.restore_networks_switch(p)
 
     def postprocess(self, p, processed, *args):
         glue.job_finished(p)

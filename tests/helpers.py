@@ -29,6 +29,15 @@ def state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (fp8 through a byte view: torch 2.1 cannot compare it)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize == 1 and a.is_floating_point():
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
 def same_state(m: torch.nn.Module, ref: dict[str, torch.Tensor]) -> bool:
     now = m.state_dict()
-    return now.keys() == ref.keys() and all(torch.equal(now[k], ref[k]) and now[k].dtype == ref[k].dtype for k in ref)
+    return now.keys() == ref.keys() and all(same_bits(now[k], ref[k]) for k in ref)

@@ -124,7 +124,7 @@ def as_peft(kohya_sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[s
     (``unet.down_blocks.0.attentions.0….to_q.lora_A.weight``, ``text_encoder.text_model….lora_B.weight``);
     alpha is folded into B since PEFT files carry no per-module alpha."""
     dotted = {}
-    for part, path, module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
+    for part, path, _module, open_clip in module_targets(model, kinds=(torch.nn.Linear, torch.nn.Conv2d)):
         dotted[kohya_key(part, path, open_clip, False)] = (part, path)
     out = {}
     for key, t in kohya_sd.items():
@@ -164,7 +164,7 @@ def _dotted(model: torch.nn.Module, part: str, path: str) -> str:
             for raw, mod in model.named_modules():
                 if mod is module:
                     name = checkpoint_name(raw)
-                    for prefix, root_part, _oc in ROOTS:
+                    for prefix, _part, _oc in ROOTS:
                         if name.startswith(prefix):
                             return name[len(prefix):]
     raise KeyError(path)

@@ -408,7 +408,7 @@ def full_sd15(seed: int = 0) -> nn.Module:
 def _reset_buffers(model: nn.Module) -> None:
     """Recompute the (deterministic) buffers that ``to_empty`` left uninitialised."""
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if hasattr(mod, "position_ids") and isinstance(mod.position_ids, torch.Tensor):  # HF CLIP embeddings
                 n = mod.position_ids.shape[-1]
                 mod.position_ids.copy_(torch.arange(n, device=mod.position_ids.device).expand_as(mod.position_ids))

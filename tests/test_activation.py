@@ -73,3 +73,13 @@ def test_unknown_and_hash_names(catalog):
     short = catalog.ensure_hash(entry)[:12]
     rep = build(catalog, f"<lora:{short}:1>")
     assert rep.uses and rep.uses[0].network.name == "ink" and rep.hashes == {short: short}
+
+
+def test_block_weights_from_the_presets_in_force(catalog):
+    from lib_lora.block_presets import BlockPresets
+    presets = BlockPresets().updated("MINE:1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0.5", "TE:BASE::0.25")
+    rep = build(catalog, "<lora:ink:0.5:MINE:TE> <lora:ink:1:lbw=NOPE> <lora:ink:lbwe=NOPE>", presets=presets)
+    assert len(rep.uses) == 1 and rep.uses[0].blocks.values["OUT11"] == 0.5 and rep.uses[0].blocks.family == "sd1"
+    assert rep.uses[0].blocks.multiplier("te", "text_model_encoder_layers_0_mlp_fc1") == 0.25
+    assert [e.split(":")[0] for e in rep.errors] == ["ink", "ink"]
+    assert "unknown block-weight preset 'NOPE'" in rep.errors[0] and "unknown elemental preset 'NOPE'" in rep.errors[1]

@@ -116,6 +116,23 @@ def test_corpus_is_refused_cleanly(tmp_path, model, good_sd):
     assert same_state(model, ref)
 
 
+def test_memory_mapped_reading_refuses_the_same_files(tmp_path, good_sd):
+    """The tools read checkpoints through a memory map: every check happens before it, with the same message."""
+    from lib_lora.safetensors_io import read_state_dict
+
+    def outcome(path, mapped):
+        try:
+            tensors, _ = read_state_dict(path, mapped=mapped)
+        except LoraError as e:
+            return e.message
+        return {k: (t.dtype, tuple(t.shape), bytes(t.reshape(-1).view(torch.uint8).numpy())) for k, t in tensors.items()}
+
+    marker = tmp_path / "PWNED"
+    for name, (path, _expect) in corpus(tmp_path, good_sd, marker).items():
+        assert outcome(path, True) == outcome(path, False), name
+    assert not marker.exists(), "unpickling ran code"
+
+
 def test_size_limits_refuse_before_reading(tmp_path, good_sd):
     p = lorafiles.save(tmp_path / "big.safetensors", good_sd)
     with pytest.raises(LoraError, match="over the 1000-byte limit"):

@@ -105,14 +105,13 @@ def test_user_values_win_over_civitai_and_structure():
     assert cards.base_model({}, None, civ) == "sdxl"
     assert cards.description({"description": "mine"}, civ) == "mine"
     assert cards.description({"description": ""}, civ) == "from civitai"
-    assert cards.preferred_weight({"preferred weight": 0.7}) == 0.7
-    assert cards.preferred_weight({"preferred weight": "junk"}) == cards.preferred_weight({}) == 0.0
 
 
 def test_filter_by_base_model():
-    assert cards.fits("sdxl", "sd1", hide_incompatible=False)
-    assert not cards.fits("sdxl", "sd1", hide_incompatible=True)
-    assert cards.fits("sd1", "sd1", True) and cards.fits(None, "sd1", True) and cards.fits("sdxl", None, True)
+    assert cards.fits("sdxl", "sd1", show_all=True)
+    assert not cards.fits("sdxl", "sd1", show_all=False)
+    assert cards.fits("sd1", "sd1") and cards.fits(None, "sd1") and cards.fits("sdxl", None)
+    assert not cards.fits(None, "sdxl", hide_unknown_for=["SDXL"]) and cards.fits(None, "sd1", hide_unknown_for=["SDXL"])
 
 
 FREQ = {"ss_tag_frequency": json.dumps({"10_ink": {"ink": 10, " monochrome": 4}, "5_more": {"ink": 2, "sketch": 7}})}

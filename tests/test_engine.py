@@ -117,9 +117,12 @@ def test_stacking_sums_deltas():
     a, b = _net(m, seed=1), _net(m, seed=2)
     base = unet_out(m)
     p = lib_lora.Patcher(m)
-    p.apply([lib_lora.Use(a, unet=0.5)]); da = unet_out(m) - base
-    p.apply([lib_lora.Use(a, unet=0.5), lib_lora.Use(b, unet=0.5)]); both = unet_out(m)
-    p.apply([lib_lora.Use(b, unet=0.5), lib_lora.Use(a, unet=0.5)]); both2 = unet_out(m)
+    p.apply([lib_lora.Use(a, unet=0.5)])
+    da = unet_out(m) - base
+    p.apply([lib_lora.Use(a, unet=0.5), lib_lora.Use(b, unet=0.5)])
+    both = unet_out(m)
+    p.apply([lib_lora.Use(b, unet=0.5), lib_lora.Use(a, unet=0.5)])
+    both2 = unet_out(m)
     p.restore()
     torch.testing.assert_close(both, both2, atol=1e-5, rtol=0)
     assert (both - base - da).abs().max() > 1e-3
@@ -193,8 +196,10 @@ def test_dyn_keeps_first_ranks():
     sd = lorafiles.random_kohya_lora(m, rank=4, alpha=None)
     one = {k: (v[:1] if k.endswith("lora_down.weight") else v[:, :1] if k.endswith("lora_up.weight") else v) for k, v in sd.items()}
     p = lib_lora.Patcher(m)
-    p.apply([lib_lora.Use(lib_lora.from_state_dict(sd), dyn=1)]); a = unet_out(m)
-    p.apply([lib_lora.Use(lib_lora.from_state_dict(one))]); b = unet_out(m)
+    p.apply([lib_lora.Use(lib_lora.from_state_dict(sd), dyn=1)])
+    a = unet_out(m)
+    p.apply([lib_lora.Use(lib_lora.from_state_dict(one))])
+    b = unet_out(m)
     p.restore()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

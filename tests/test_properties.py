@@ -52,4 +52,4 @@ def test_key_mapper_never_raises(keys, metadata):
             split[k] = s
             for fam in ("sd1", "sd2", "sdxl", None):
                 target_for(s[0], s[1], fam)
-    detect_family(split, {k: (2, 3) for k in split}, metadata)
+    detect_family(split, dict.fromkeys(split, (2, 3)), metadata)

@@ -28,6 +28,17 @@ def test_values_written_are_read_back(net):
     assert json.loads(open(sidecar.sidecar_path(net), encoding="utf8").read()) == VALUES  # plain JSON, the WebUI's keys
 
 
+
+def test_preferred_weight_one_rule_for_cards_and_generation():
+    """A finite weight within a prompt's ±100, negative ones too; anything else is unset (0: the default)."""
+    assert sidecar.preferred_weight({"preferred weight": 0.7}) == 0.7
+    assert sidecar.preferred_weight({"preferred weight": "-0.5"}) == -0.5
+    assert sidecar.preferred_weight({"preferred weight": -100}) == -100
+    for unset in ({}, {"preferred weight": "junk"}, {"preferred weight": None}, {"preferred weight": 0},
+                  {"preferred weight": 100.5}, {"preferred weight": "nan"}, {"preferred weight": "-inf"},
+                  {"preferred weight": [1]}):
+        assert sidecar.preferred_weight(unset) == 0.0
+
 def test_unknown_keys_survive(net):
     with open(sidecar.sidecar_path(net), "w", encoding="utf8") as f:
         json.dump({"description": "old", "civitai id": 1234, "other tool": {"x": [1, 2]}}, f)

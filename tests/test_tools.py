@@ -19,10 +19,10 @@ from lib_lora.errors import LoraError
 from lib_lora.model_index import ModelIndex, checkpoint_name
 from lib_lora.tools import (RankRule, as_modules, extract, merge_into_checkpoint, merge_networks, read_checkpoint,
                             resize, save_checkpoint, save_network)
-from lib_lora.tools.extract import kohya_targets
+from lib_lora.kohya_targets import kohya_targets
 from lib_lora.tools.lowrank import factorize, singular_values
 from lib_lora.train import TrainConfig
-from lib_lora.train.network import TrainNetwork
+from lib_lora.train.trainable import TrainNetwork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,14 +48,40 @@ def close(a: torch.nn.Module, b: torch.nn.Module, tol: float = 1e-5) -> None:
     torch.testing.assert_close(te_out(a), te_out(b), atol=tol, rtol=tol)
 
 
+# kohya's rule (networks/lora.py, LyCORIS' kohya wrapper): the Linear / Conv2d layers inside modules of these classes
+# (the ldm / sgm / open_clip names of the same blocks included); an open_clip MultiheadAttention gives q, k and v.
+KOHYA_UNET = ("SpatialTransformer", "Transformer2DModel")
+KOHYA_UNET_CONV = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+KOHYA_TE = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "ResidualAttentionBlock")
+
+
+def kohya_class_rule(model: torch.nn.Module, index: ModelIndex, convs: bool) -> set[str]:
+    part_of = {name: key for key, (name, _m) in index.modules.items()}
+    out = set()
+    for cname, container in model.named_modules():
+        cls = type(container).__name__
+        if not (cls in KOHYA_UNET or cls in KOHYA_TE or (convs and cls in KOHYA_UNET_CONV)):
+            continue
+        for sub, layer in container.named_modules():
+            key = part_of.get(checkpoint_name(f"{cname}.{sub}"))
+            if key is None or (key[0] == "unet") != (cls not in KOHYA_TE):
+                continue
+            if isinstance(layer, torch.nn.MultiheadAttention):
+                out |= {index.kohya_name(lib_lora.Target(*key, qkv)) for qkv in "qkv"}
+            elif isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                out.add(index.kohya_name(lib_lora.Target(*key)))
+    return out
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_extract_targets_are_the_trainers(family):
-    """The name rules extraction uses pick exactly the layers the trainer's class rules pick (kohya's)."""
+    """The name rules extraction and the trainer use pick exactly the layers kohya's class rules pick."""
     model = models.tiny_sdxl() if family == "sdxl" else models.sd_model(family, seed=0)
     index = ModelIndex(model)
     for conv in (None, 2):
         trained = set(TrainNetwork(model, TrainConfig(conv_dim=conv)).loras)
         assert {index.kohya_name(t) for t in kohya_targets(index, convs=bool(conv))} == trained
+        assert kohya_class_rule(model, index, convs=bool(conv)) == trained
 
 
 def test_factorize_is_the_svd_optimum_and_rank_rules():
@@ -115,7 +141,7 @@ def test_resize_loha_to_a_lora(sd1, tmp_path):
     """A LoHa's delta has rank up to r²: at that rank the LoRA is the same network."""
     sd = lorafiles.random_kohya_lora(sd1, rank=2, seed=2, conv=False)
     net = network(tmp_path, "loha", lorafiles.as_loha(sd, seed=3))
-    assert set(net.kinds) == {"loha"}
+    assert set(net.kind_counts) == {"loha"}
     out = resize(net, sd1, RankRule(rank=4), precision="fp32")
     path = str(tmp_path / "loha-as-lora.safetensors")
     save_network(path, out)
@@ -208,3 +234,29 @@ def test_cli_resize_merge_extract(sd1, tmp_path):
     assert bad.returncode == 2 and "output must be a .safetensors file" in bad.stderr
     bad = run("merge", str(tmp_path / "m2.safetensors"), "--model", ckpt, f"{src}:lots")
     assert bad.returncode == 2 and "weight 'lots'" in bad.stderr
+
+
+def test_tools_report_each_module_and_stop_when_asked(sd1, tmp_path):
+    """progress(done, total) before every module's SVD; raising in it stops the tool before anything exists to
+    be written (the WebUI's Interrupt does that)."""
+    a = network(tmp_path, "pa", lorafiles.random_kohya_lora(sd1, rank=2, seed=8))
+    calls = []
+    res = resize(a, sd1, RankRule(rank=1), progress=lambda done, total: calls.append((done, total)))
+    n = len(res.ranks)
+    assert calls == [(i, n) for i in range(n)]
+    merged_calls = []
+    merge_networks([(a, 1.0)], sd1, RankRule(rank=1), progress=lambda d, t: merged_calls.append(d))
+    assert merged_calls == list(range(n))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_three(done, total):
+        if done == 3:
+            raise Stop
+
+    for tool in (lambda p: resize(a, sd1, RankRule(rank=1), progress=p),
+                 lambda p: extract(sd1, merged(sd1, [lib_lora.Use(a)]), RankRule(rank=1), progress=p)):
+        with pytest.raises(Stop):
+            tool(stop_at_three)
+    assert os.listdir(tmp_path) == ["pa.safetensors"]

@@ -317,7 +317,7 @@ def test_conv_loha_lokr_files_reproduce_hooked_model(base, data, algo, kind):
     model = copy.deepcopy(base)
     trainer = Trainer(cfg, make_bundle(model), log_fn=lambda m: None)
     net = lib_lora.load(trainer.run().output)
-    assert set(net.kinds) == {kind} and net.base_model == "sd1" and not net.unmatched
+    assert set(net.kind_counts) == {kind} and net.base_model == "sd1" and not net.unmatched
     assert any("resnets_0_conv1" in k for k in trainer.network.loras)
     if algo != "lora":
         assert net.format == "lycoris" and json.loads(net.metadata["ss_network_args"])["algo"] == algo

@@ -1,5 +1,6 @@
 """What the WebUI tab stands on: TrainConfig as form values (presets, kinds, unset fields) and a Session
-running the trainer in a thread inside a caller's hold, cancellable, polled through snapshots."""
+running the trainer in a thread inside a caller's hold, cancellable, polled through snapshots, followed and
+stopped by a host's hooks."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,8 @@ from lib_lora.catalog import Catalog
 from lib_lora.errors import LoraError
 from lib_lora.train import TrainConfig
 from lib_lora.train import form
-from lib_lora.train.session import Session
+from lib_lora.train.plot import loss_rows
+from lib_lora.train.session import RunHooks, Session
 from test_train import make_bundle, make_images
 
 
@@ -88,11 +90,14 @@ def test_session_runs_inside_the_hold_and_cancels_with_a_state(run_config):
     run = Session(run_config, make, hold)
     run.start()
     assert step_two.wait(120)
-    assert run.holds_model and run.status()
+    assert run.holds_model and run.status() and run.state() == "running"
     run.cancel()
     run.join(120)
     snap = run.snapshot()
     assert not snap.alive and not run.holds_model and events == ["enter", "bundle", "exit"]
+    assert snap.state == "cancelled"
+    assert snap.saved == [snap.result.output] and snap.progress.phase == "cancelled"
+    assert snap.last_step.phase == "training" and snap.last_step.step == snap.result.step and snap.last_step.loss > 0
     assert snap.result.cancelled and 2 <= snap.result.step < 40 and snap.error is None
     assert snap.status.startswith(f"Cancelled at step {snap.result.step}: saved ") and snap.result.state in snap.status
     assert len(snap.losses) == snap.result.step and snap.sample_count == snap.result.step and run.trainer is None
@@ -111,6 +116,7 @@ def test_session_reports_errors_and_cancel_before_start(run_config, tmp_path):
     run.start()
     run.join(60)
     assert run.snapshot().error and run.status().startswith("Failed: ") and "does not exist" in run.status()
+    assert run.state() == "failed" and run.snapshot().saved == []
 
     gate = threading.Event()
 
@@ -121,8 +127,56 @@ def test_session_reports_errors_and_cancel_before_start(run_config, tmp_path):
 
     waiting = Session(run_config, lambda: pytest.fail("the model must not be taken"), busy)
     waiting.start()
-    assert waiting.status().startswith("Waiting")
+    assert waiting.status().startswith("Waiting") and waiting.state() == "waiting"
     waiting.cancel()
     gate.set()
     waiting.join(60)
     assert waiting.result is None and waiting.status().startswith("Cancelled before training started")
+    assert waiting.state() == "cancelled"
+
+
+def test_session_hooks_follow_the_run_and_stop_it(run_config):
+    """A host (the WebUI) sees every report and the newest sample in the run's thread; its stop request (the
+    WebUI's Interrupt) cancels as cancel() does: after a sample, before the next step."""
+    torch.set_num_threads(1)
+
+    class Host(RunHooks):
+        def __init__(self):
+            self.steps, self.images, self.threads = [], [], set()
+
+        def progress(self, p):
+            self.threads.add(threading.current_thread().name)
+            if p.phase == "training":
+                self.steps.append(p.step)
+
+        def sample(self, image):
+            self.images.append(image)
+
+        def stop_requested(self):
+            return len(self.images) == 2
+
+    def sample_fn(prompts, step):
+        return [Image.new("RGB", (8, 8), (step, i, 0)) for i in range(2)]
+
+    host = Host()
+    run = Session(run_config, lambda: make_bundle(models.sd_model("sd1", seed=0), sample_fn=sample_fn), hooks=host)
+    assert run.state() == "idle"
+    run.start()
+    run.join(120)
+    snap = run.snapshot()
+    assert snap.state == "cancelled" and snap.result.step == 2 and host.steps == [1, 2]
+    assert [im.getpixel((0, 0)) for im in host.images] == [(1, 1, 0), (2, 1, 0)]  # the newest of each sampling
+    assert host.threads == {"sd-webui-lora-train"} and snap.sample_count == 4
+
+
+def test_loss_rows_for_the_interactive_plot():
+    train = [(s, 1.0 / s) for s in range(1, 1201)]
+    rows = loss_rows(train, [(600, 0.5), (1200, 0.25)], max_points=500)
+    series = {name: [(s, v) for n, s, v in rows if n == name] for name in ("training loss", "moving average",
+                                                                            "validation loss")}
+    steps = [s for s, _ in series["training loss"]]
+    assert len(steps) == 400 and steps[-1] == 1200 and steps == sorted(steps) and set(steps) <= set(range(1, 1201))
+    assert [s for s, _ in series["moving average"]] == steps
+    assert series["moving average"][-1][1] == pytest.approx(sum(1.0 / s for s in range(1141, 1201)) / 60)
+    assert series["validation loss"] == [(600, 0.5), (1200, 0.25)]
+    assert loss_rows([], []) == [] and len(loss_rows(train[:3], [])) == 6

@@ -1,7 +1,10 @@
-"""What every adapter kind shares: scaling, DoRA, the multiplier, merge and bypass entry points.
+"""What every adapter kind shares: scaling, DoRA, the multiplier, merge and bypass entry points, and the base of
+the kinds' trainable forms.
 
-Each kind (one small module beside this one) only says which tensors it needs and how its weight
-delta is built from them, as a pure function of its factors and the original weight.
+Each kind (one small module beside this one) says which tensors it reads, what shapes they must have, how its
+weight change is built from them (a pure function, used by inference and by the trainable form alike) and, if
+it can be trained, its trainable form. Vocabulary: a kind's *weight change* is ΔW at multiplier 1, alpha scaling
+included; a *delta* is the change at a given multiplier, DoRA included.
 """
 from __future__ import annotations
 
@@ -9,18 +12,29 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Tensor = torch.Tensor
+
+
+class UnusableModule(ValueError):
+    """A file module whose tensors no kind can use; the message says why."""
 
 
 class Adapter:
     """One file module's factors for one model weight; immutable after loading."""
 
     kind: ClassVar[str] = ""
+    order: ClassVar[int] = 0  # place among the kinds: tried on a file module, and listed, in this order
+    labels: ClassVar[dict[str, str]] = {}  # kind (and variants a card tells apart) → what people call it
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[tuple[str, ...]] = ()
     uses_alpha: ClassVar[bool] = True
+    rank_is_block_size: ClassVar[bool] = False  # OFT: ``rank`` is its block size, not a rank a card shows
+    reads_weight: ClassVar[bool] = False  # the weight change depends on the original weight's values, not just its shape
     common: ClassVar[tuple[str, ...]] = ("alpha", "scale", "dora_scale", "lora_magnitude_vector")
+    trainable: ClassVar[type[TrainableAdapter] | None] = None
+    train_options: ClassVar[tuple[str, ...]] = ()  # TrainConfig options the trainable form takes, by their names
 
     def __init__(self, key: str, w: dict[str, Tensor]):
         self.key = key
@@ -35,8 +49,26 @@ class Adapter:
         return all(k in w for k in cls.required)
 
     @classmethod
-    def known(cls) -> set[str]:
+    def check(cls, w: dict[str, Tensor]) -> str | None:
+        """Why these tensors, accepted by this kind, cannot work together (None when their shapes fit)."""
+        return None
+
+    @classmethod
+    def tensor_names(cls) -> set[str]:
         return set(cls.required) | set(cls.optional) | set(cls.common)
+
+    @classmethod
+    def label(cls, kind: str, dora: bool = False) -> str:
+        return cls.labels[kind] + ("+DoRA" if dora else "")
+
+    def needs_original(self) -> bool:
+        """Whether the delta reads the original weight's values (a merge then keeps an unmodified copy beside its
+        work buffer); DoRA always does."""
+        return self.reads_weight or self.magnitude is not None
+
+    def shown_kind(self) -> str:
+        """The kind a card counts this module as (one of ``labels``)."""
+        return self.kind
 
     def scale(self) -> float:
         if "scale" in self.w:
@@ -45,8 +77,8 @@ class Adapter:
             return self.alpha / self.rank
         return 1.0
 
-    def t(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A factor on the compute device in fp32 (fp16 GEMMs do not exist on every CPU torch)."""
+    def factor(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A stored tensor on the compute device in fp32 (fp16 GEMMs do not exist on every CPU torch), cached."""
         key = (name, device, dtype)
         hit = self._cache.get(key)
         if hit is None:
@@ -55,6 +87,9 @@ class Adapter:
                 self._cache[key] = hit
         return hit
 
+    def optional_factor(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        return self.factor(name, device, dtype) if name in self.w else None
+
     def drop_cache(self) -> None:
         self._cache.clear()
 
@@ -62,27 +97,21 @@ class Adapter:
         return sum(t.numel() * t.element_size() for t in self.w.values())
 
     # --- the math ----------------------------------------------------------------------------
-    def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
-        """Weight delta at multiplier 1, alpha scaling included; fp32, shaped like ``orig``."""
+    def weight_change(self, orig: Tensor, dyn: int | None) -> Tensor:
+        """ΔW at multiplier 1, alpha scaling included; fp32, shaped like ``orig``."""
         raise NotImplementedError
 
-    def bias_diff(self, device: torch.device) -> Tensor | None:
+    def bias_change(self, device: torch.device) -> Tensor | None:
         return None
 
-    def linear(self) -> bool:
-        """Whether the delta at multiplier m is m times the delta at 1."""
-        return self.magnitude is None
-
     def delta(self, orig: Tensor, multiplier: float, dyn: int | None = None) -> tuple[Tensor, Tensor | None]:
-        d = self.diff(orig, dyn)
+        """(weight delta, bias delta) at ``multiplier``, DoRA applied."""
+        d = self.weight_change(orig, dyn)
         if self.magnitude is not None:
-            name = self._magnitude_name()
-            d = dora_delta(orig, d, self.t(name, orig.device), per_row=name == "lora_magnitude_vector")
-        b = self.bias_diff(orig.device)
+            name = "dora_scale" if "dora_scale" in self.w else "lora_magnitude_vector"
+            d = dora_delta(orig, d, self.factor(name, orig.device), per_row=name == "lora_magnitude_vector")
+        b = self.bias_change(orig.device)
         return d * multiplier, (b * multiplier if b is not None else None)
-
-    def _magnitude_name(self) -> str:
-        return "dora_scale" if "dora_scale" in self.w else "lora_magnitude_vector"
 
     def merge_into(self, buf: Tensor, orig: Tensor, multiplier: float, dyn: int | None) -> Tensor | None:
         """Add the delta to ``buf`` (fp32, shaped like the weight); return the bias delta."""
@@ -90,35 +119,82 @@ class Adapter:
         buf.add_(d)
         return b
 
-    def bypass_add(self, out: Tensor, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float,
+    def bypass_add(self, out: Tensor, x: Tensor, module: nn.Module, weight: Tensor, multiplier: float,
                    dyn: int | None) -> Tensor:
         """``out`` plus this adapter's extra output; in place when autograd does not need ``out``."""
         extra = self.bypass(x, module, weight, multiplier, dyn)
         return out.add_(extra) if not (torch.is_grad_enabled() and out.requires_grad) else out + extra
 
-    def bypass(self, x: Tensor, module: torch.nn.Module, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
+    def bypass(self, x: Tensor, module: nn.Module, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         """The extra output of ``module`` for input ``x``; generic path through the delta weight."""
-        orig = weight.detach().to(torch.float32)
-        d, b = self.delta(orig, multiplier, dyn)
-        return functional_op(module, x, d, b)
+        dtype = x.dtype
+        if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        d, b = self.delta(weight.detach().to(torch.float32), multiplier, dyn)
+        return layer_op(module, x, d.to(x.dtype), b.to(x.dtype) if b is not None else None).to(dtype)
 
 
-def functional_op(module: torch.nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+class StoredChange(Adapter):
+    """A kind whose file holds ΔW itself (``required[0]``) and optionally Δb (``optional[0]``)."""
+
+    uses_alpha = False
+
+    def weight_change(self, orig: Tensor, dyn: int | None) -> Tensor:
+        return self.factor(self.required[0], orig.device).reshape(orig.shape)
+
+    def bias_change(self, device: torch.device) -> Tensor | None:
+        return self.optional_factor(self.optional[0], device)
+
+
+class TrainableAdapter(nn.Module):
+    """A kind's trainable form for one layer: its factors as parameters, initialised as kohya / LyCORIS do and
+    named as the kind's file tensors (``state_dict()`` is the file module), plus the ``alpha`` buffer.
+    Unless a kind overrides ``forward``, the layer's extra output is the layer's operation with the kind's
+    weight change, the same pure function inference merges."""
+
+    def __init__(self, layer: nn.Module, alpha: float, dropout: float | None):
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.dropout = dropout
+        self.out_features, self.in_features, self.kernel = layer_shape(layer)
+        self._layer = [layer]  # a list, so the layer is neither a submodule nor in the state dict
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features, *self.kernel)
+
+    def weight_change(self) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = layer_op(self.layer, x, self.weight_change())
+        return F.dropout(out, self.dropout) if self.dropout and self.training else out
+
+    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+        """The hooked layer's output ``out`` plus this module's extra output for its input ``x``."""
+        return out + self(x).to(out.dtype)
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """(out, in, kernel) of a Linear or Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels, layer.in_channels, tuple(layer.kernel_size)
+    return layer.out_features, layer.in_features, ()
+
+
+def layer_op(module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``module``'s operation with weight ``w`` and bias ``b``: linear in both, so it gives the extra output."""
-    dtype = x.dtype
-    if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    w = w.to(x.dtype)
-    b = b.to(x.dtype) if b is not None else None
-    if isinstance(module, torch.nn.Conv2d):
-        out = F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
-    elif isinstance(module, torch.nn.LayerNorm):
-        out = F.layer_norm(x, module.normalized_shape, w, b if b is not None else torch.zeros_like(w), module.eps)
-    elif isinstance(module, torch.nn.GroupNorm):
-        out = F.group_norm(x, module.num_groups, w, b if b is not None else torch.zeros_like(w), module.eps)
-    else:
-        out = F.linear(x, w.reshape(w.shape[0], -1), b)
-    return out.to(dtype)
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, w, b if b is not None else torch.zeros_like(w), module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, w, b if b is not None else torch.zeros_like(w), module.eps)
+    return F.linear(x, w.reshape(w.shape[0], -1), b)
 
 
 def dora_delta(orig: Tensor, d: Tensor, magnitude: Tensor, per_row: bool = False) -> Tensor:
@@ -134,6 +210,11 @@ def dora_delta(orig: Tensor, d: Tensor, magnitude: Tensor, per_row: bool = False
         norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
                 .reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1))
     return merged * (magnitude.reshape(norm.shape) / (norm + eps)) - orig
+
+
+def low_rank(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` [out, r] times ``b`` [r, in, *kernel], shaped [out, in, *kernel] (``b`` may come flattened)."""
+    return (a @ b.reshape(b.shape[0], -1)).reshape(a.shape[0], *b.shape[1:])
 
 
 def cp_weight(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:

@@ -8,6 +8,9 @@ from .base import Adapter, Tensor
 
 class GLoRA(Adapter):
     kind = "glora"
+    order = 3
+    reads_weight = True
+    labels = {"glora": "GLoRA"}
     required = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
     optional = ("bm.weight",)
 
@@ -15,12 +18,12 @@ class GLoRA(Adapter):
         super().__init__(key, w)
         self.rank = w["a2.weight"].shape[0]
 
-    def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
+    def weight_change(self, orig: Tensor, dyn: int | None) -> Tensor:
         dev = orig.device
-        a1, a2 = self.t("a1.weight", dev), self.t("a2.weight", dev)
-        b1, b2 = self.t("b1.weight", dev), self.t("b2.weight", dev)
+        a1, a2 = self.factor("a1.weight", dev), self.factor("a2.weight", dev)
+        b1, b2 = self.factor("b1.weight", dev), self.factor("b2.weight", dev)
         if "bm.weight" in self.w:
-            wb = torch.einsum("n m k l, i n, m j -> i j k l", self.t("bm.weight", dev),
+            wb = torch.einsum("n m k l, i n, m j -> i j k l", self.factor("bm.weight", dev),
                               b1.reshape(b1.shape[0], -1), b2.reshape(b2.shape[0], -1))
         else:
             wb = b1.reshape(b1.shape[0], -1) @ b2.reshape(b2.shape[0], -1)

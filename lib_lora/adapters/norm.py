@@ -1,19 +1,12 @@
-"""Norm: deltas for a GroupNorm/LayerNorm's weight (``w_norm``) and bias (``b_norm``)."""
+"""Norm: changes of a GroupNorm/LayerNorm's weight (``w_norm``) and bias (``b_norm``)."""
 from __future__ import annotations
 
-import torch
-
-from .base import Adapter, Tensor
+from .base import StoredChange
 
 
-class Norm(Adapter):
+class Norm(StoredChange):
     kind = "norm"
+    order = 6
+    labels = {"norm": "Norm"}
     required = ("w_norm",)
     optional = ("b_norm",)
-    uses_alpha = False
-
-    def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
-        return self.t("w_norm", orig.device).reshape(orig.shape)
-
-    def bias_diff(self, device: torch.device) -> Tensor | None:
-        return self.t("b_norm", device) if "b_norm" in self.w else None

@@ -18,6 +18,10 @@ def cayley(blocks: Tensor, constraint: float) -> Tensor:
 
 class OFT(Adapter):
     kind = "oft"
+    order = 4
+    reads_weight = True
+    labels = {"oft": "OFT", "boft": "BOFT"}
+    rank_is_block_size = True
     optional = ("oft_blocks", "oft_diag", "rescale")
     uses_alpha = False
 
@@ -31,16 +35,13 @@ class OFT(Adapter):
         self.kind = "boft" if blocks.dim() == 4 else "oft"
         self.rank = blocks.shape[-1]
 
-    def linear(self) -> bool:
-        return self.kind == "oft" and super().linear()
-
     def _rotations(self, orig: Tensor) -> Tensor:
         if "oft_diag" in self.w:
-            return self.t("oft_diag", orig.device)
+            return self.factor("oft_diag", orig.device)
         constraint = (self.alpha or 0.0) * orig.shape[0]
-        return cayley(self.t("oft_blocks", orig.device), constraint)
+        return cayley(self.factor("oft_blocks", orig.device), constraint)
 
-    def diff(self, orig: Tensor, dyn: int | None) -> Tensor:
+    def weight_change(self, orig: Tensor, dyn: int | None) -> Tensor:
         return self._boft(orig, 1.0) if self.kind == "boft" else self._oft(orig)
 
     def delta(self, orig: Tensor, multiplier: float, dyn: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -69,11 +70,11 @@ class OFT(Adapter):
             inp = torch.einsum("b i j, b j ... -> b i ...", bi, inp)
             inp = inp.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
         if "rescale" in self.w:
-            inp = inp * self.t("rescale", orig.device).reshape(-1, *[1] * (orig.dim() - 1))
+            inp = inp * self.factor("rescale", orig.device).reshape(-1, *[1] * (orig.dim() - 1))
         return inp - orig
 
     def _rescale(self, d: Tensor, orig: Tensor) -> Tensor:
         if "rescale" not in self.w:
             return d
-        s = self.t("rescale", orig.device).reshape(-1, *[1] * (orig.dim() - 1))
+        s = self.factor("rescale", orig.device).reshape(-1, *[1] * (orig.dim() - 1))
         return s * d + (s - 1) * orig

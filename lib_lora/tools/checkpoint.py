@@ -1,24 +1,27 @@
 """A checkpoint's state dict as a module tree under its own names, so the engine indexes and patches it like
 a loaded model (``ModelIndex`` reads checkpoint naming). The modules hold the state dict's own tensors: a
-merge writes straight into them, and saving writes the state dict."""
+merge writes straight into them, and saving writes the state dict.
+
+Checkpoints are several GB: their tensors are views of a private memory map (read when used, changes kept in this
+process), and saving streams them to the file one by one, so no step holds a second copy."""
 from __future__ import annotations
 
 import os
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LoraError
-from ..safetensors_io import Limits, read_state_dict
+from ..safetensors_io import Limits, read_state_dict, save_safetensors
 from ..sidecar import atomic_write
 
 CHECKPOINT_LIMITS = Limits(max_file_bytes=64 * 1024 ** 3)
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A checkpoint's tensors (``.safetensors``, or a pickle through the weights-only loader) and metadata."""
-    tensors, metadata = read_state_dict(path, CHECKPOINT_LIMITS)
+    """A checkpoint's tensors (``.safetensors``, or a pickle through the weights-only loader), memory-mapped, and
+    its metadata."""
+    tensors, metadata = read_state_dict(path, CHECKPOINT_LIMITS, mapped=True)
     if not any(k.startswith("model.diffusion_model.") for k in tensors):
         raise LoraError(path, "has no model.diffusion_model.* weights", "give a full SD1/SD2/SDXL checkpoint")
     return tensors, metadata
@@ -79,4 +82,4 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
     """The state dict as ``.safetensors``, written to a temp file beside ``path`` and renamed over it."""
     require_safetensors(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata or None))
+    atomic_write(path, lambda tmp: save_safetensors(tmp, tensors, metadata))

@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from ..adapters import lora
 from ..errors import LoraError
-from ..train.metadata import base_model_version, write_network
+from ..keymap import Target
+from ..model_index import ModelIndex
+from ..train.metadata import SAVE_DTYPES, base_model_version, write_network
 from .checkpoint import require_safetensors
 
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# progress(done, total) before each module's SVD (where a tool spends its time); it may raise to stop the tool,
+# which then has written nothing.
+ToolProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -143,19 +149,26 @@ def add_module(result: ToolResult, key: str, delta: torch.Tensor, rule: RankRule
         return
     up, down, kept = made
     r = up.shape[1]
-    result.tensors[f"{key}.lora_up.weight"] = up.to(dtype)
-    result.tensors[f"{key}.lora_down.weight"] = down.to(dtype)
-    result.tensors[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
+    for name, t in lora.file_tensors(up.to(dtype), down.to(dtype), torch.tensor(float(r), dtype=dtype)).items():
+        result.tensors[f"{key}.{name}"] = t
     result.ranks[key] = r
     result.kept[key] = kept
+
+
+def add_modules(result: ToolResult, deltas: dict[Target, torch.Tensor], index: ModelIndex, rule: RankRule,
+                precision: str, progress: ToolProgress | None = None) -> None:
+    """``add_module`` for every target's delta, under the model's kohya names."""
+    for done, (target, delta) in enumerate(deltas.items()):
+        if progress is not None:
+            progress(done, len(deltas))
+        add_module(result, index.kohya_name(target), delta, rule, SAVE_DTYPES[precision])
 
 
 def lora_metadata(result: ToolResult, rule: RankRule, base: dict[str, str], family: str | None,
                   comment: str) -> dict[str, str]:
     """kohya's keys for a LoRA/LoCon file, over ``base`` (the source's training metadata, when there is one)."""
     md = {k: v for k, v in base.items() if not k.startswith("sshs_")}
-    convs = any(result.tensors[k + ".lora_down.weight"].dim() == 4 and
-                result.tensors[k + ".lora_down.weight"].shape[2:] != (1, 1) for k in result.ranks)
+    convs = any(lora.is_locon(result.tensors[f"{k}.{lora.DOWN}"]) for k in result.ranks)
     rank = "Dynamic" if rule.dynamic else str(rule.rank)
     md.update(ss_network_module="networks.lora", ss_network_dim=rank, ss_network_alpha=rank)
     args = {"conv_dim": str(rule.conv_rank or rule.rank), "conv_alpha": str(rule.conv_rank or rule.rank)} if convs else {}

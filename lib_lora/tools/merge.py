@@ -13,15 +13,15 @@ from ..model_index import ModelIndex
 from ..network import Network
 from ..patcher import ApplyResult, Patcher, Use
 from .checkpoint import as_modules
-from .lowrank import SAVE_DTYPES, RankRule, ToolResult, add_module, lora_metadata
+from .lowrank import RankRule, ToolProgress, ToolResult, add_modules, lora_metadata
 
 
 def check_family(items: list[tuple[Network, float]], family: str | None) -> None:
     """Every network made for this base model, or one message naming the first that is not."""
     for net, _weight in items:
-        mismatch = family_mismatch(net.name, net.base_model, family)
+        mismatch = family_mismatch(net.base_model, family)
         if mismatch:
-            raise LoraError(net.path, mismatch.split(": ", 1)[1], "use a network made for this base model")
+            raise LoraError(net.path, mismatch, "use a network made for this base model")
 
 
 def network_deltas(items: list[tuple[Network, float]], index: ModelIndex) -> tuple[dict[Target, torch.Tensor], list[str]]:
@@ -46,15 +46,14 @@ def network_deltas(items: list[tuple[Network, float]], index: ModelIndex) -> tup
 
 
 def merge_networks(items: list[tuple[Network, float]], model: nn.Module, rule: RankRule,
-                   precision: str = "fp16") -> ToolResult:
+                   precision: str = "fp16", progress: ToolProgress | None = None) -> ToolResult:
     """One LoRA/LoCon file holding ``Σ weight · network`` as well as the rank allows."""
     if not items:
         raise LoraError(None, "no networks to merge", "give at least one network with its weight")
     index = ModelIndex(model)
     deltas, skipped = network_deltas(items, index)
     result = ToolResult({}, {}, skipped=skipped)
-    for target, delta in deltas.items():
-        add_module(result, index.kohya_name(target), delta, rule, SAVE_DTYPES[precision])
+    add_modules(result, deltas, index, rule, precision, progress)
     merged = ", ".join(f"{net.name}:{weight:g}" for net, weight in items)
     result.metadata = lora_metadata(result, rule, {}, index.family, f"merged from {merged}")
     result.metadata["ss_merged_from"] = json.dumps([{"name": net.name, "weight": weight,

@@ -1,4 +1,5 @@
-"""kohya-style LoRA/LoHa/LoKr training on a model the caller has loaded (the WebUI's, or a test model).
+"""kohya-style training of every adapter kind with a trainable form (LoRA/LoCon and LyCORIS kinds) on a model the
+caller has loaded (the WebUI's, a test model) or one built from a checkpoint file (``loader.load_checkpoint``, the CLI's).
 
 ``Trainer(TrainConfig(...), ModelBundle(...)).run(progress_callback)``; ``python -m lib_lora.train`` is the CLI.
 """

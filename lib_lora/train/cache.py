@@ -18,6 +18,10 @@ from ..sidecar import atomic_write_bytes
 from .dataset import ImageItem, View
 
 CACHE_VERSION = 1
+# kohya's resize_interpolation names as pillow filters ("area", OpenCV's INTER_AREA in kohya, is pillow's box filter)
+FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+           "linear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+           "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
 
 
 def load_image(item: ImageItem, view: View = View()) -> torch.Tensor:
@@ -27,7 +31,7 @@ def load_image(item: ImageItem, view: View = View()) -> torch.Tensor:
         with Image.open(item.path) as im:
             im = im.convert("RGB")
             if im.size != item.resized:
-                im = im.resize(item.resized, Image.Resampling.LANCZOS)
+                im = im.resize(item.resized, FILTERS[item.interpolation or "lanczos"])
     except Exception as e:  # any decoder failure means the same thing to the user
         raise LoraError(item.path, f"cannot decode the image ({e.__class__.__name__}: {str(e)[:120]})",
                         "re-save it or remove it from the folder") from None
@@ -73,7 +77,8 @@ class LatentCache:
             content = self._file_hash[fkey] = h.hexdigest()
         settings = json.dumps([CACHE_VERSION, content, list(item.resized), list(item.bucket), view.flip, self.vae_id]
                               + ([list(view.crop)] if view.crop is not None else [])
-                              + ([view.hue] if view.hue else []))
+                              + ([view.hue] if view.hue else [])
+                              + ([item.interpolation] if item.interpolation else []))
         return hashlib.sha256(settings.encode()).hexdigest()
 
     def _disk_path(self, key: str) -> str:

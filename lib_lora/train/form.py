@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from ..adapters import train_labels
 from ..errors import LoraError
-from .config import ALGOS, TrainConfig, _base_type
+from .config import TrainConfig, _base_type
 
-# kind → network_algo; LoCon is LoRA with the 3x3 convs trained too (conv rank 0 means the rank).
-KINDS = {"LoRA": "lora", "LoCon": "lora", "LoHa": "loha", "LoKr": "lokr"}
-assert set(KINDS.values()) <= set(ALGOS)
+# The form's kind → network_algo; LoCon is LoRA with the 3x3 convs trained too (conv rank 0 means the rank).
+ALGO_BY_LABEL = train_labels()
+_LYCORIS = [label for label, algo in ALGO_BY_LABEL.items() if algo != "lora"]
 
 # Form values that are not TrainConfig options: (default, help).
 EXTRAS = {
-    "kind": ("LoRA", "LoRA: linear layers; LoCon: also the 3x3 convs (conv rank 0 = the rank); LoHa, LoKr: LyCORIS"),
+    "kind": ("LoRA", f"LoRA: linear layers; LoCon: also the 3x3 convs (conv rank 0 = the rank); {', '.join(_LYCORIS)}: LyCORIS"),
     "train_unet": (True, "train the UNet's layers"),
     "train_text_encoder": (True, "train the text encoder's layers"),
 }
@@ -96,7 +97,7 @@ def value_type(name: str) -> type:
 def choices(name: str) -> list[str] | None:
     """The allowed values of a choice field, else None."""
     if name in EXTRAS:
-        return list(KINDS) if name == "kind" else None
+        return list(ALGO_BY_LABEL) if name == "kind" else None
     found = _FIELDS[name].metadata.get("choices")
     return list(found) if found else None
 
@@ -106,8 +107,8 @@ def from_form(values: dict) -> TrainConfig:
     list options as space-separated text); options not given keep their defaults."""
     values = dict(values)
     kind = values.pop("kind", EXTRAS["kind"][0])
-    if kind not in KINDS:
-        raise LoraError(None, f"unknown network kind {kind!r}", f"choose one of {', '.join(KINDS)}")
+    if kind not in ALGO_BY_LABEL:
+        raise LoraError(None, f"unknown network kind {kind!r}", f"choose one of {', '.join(ALGO_BY_LABEL)}")
     unet, te = values.pop("train_unet", True), values.pop("train_text_encoder", True)
     if not unet and not te:
         raise LoraError(None, "neither the UNet nor the text encoder is selected for training", "tick at least one")
@@ -120,7 +121,7 @@ def from_form(values: dict) -> TrainConfig:
         if _optional(name) and (value is None or value == _unset(name)):
             value = None
         out[name] = value
-    out["network_algo"] = KINDS[kind]
+    out["network_algo"] = ALGO_BY_LABEL[kind]
     if kind == "LoRA":
         out["conv_dim"] = out["conv_alpha"] = None
     elif kind == "LoCon" and not out.get("conv_dim"):

@@ -9,39 +9,38 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import LoraError
+from ..network import load as load_network
+from ..patcher import Patcher, Use
 from ..safetensors_io import read_state_dict
+from .attention import using_attention
 from .cache import LatentCache
 from .config import TrainConfig
 from .dataset import Dataset, ImageItem, View, with_affixes
 from .distributed import Distributed
-from .metadata import base_model_info, modelspec, training_metadata, write_network
+from .logs import RunLog
+from .metadata import base_model_info, implementation_version, training_metadata
 from .model import (ModelBundle, NoiseSchedule, checkpoint_blocks, elementwise_loss, frozen, gradient_checkpointing,
                     pyramid_noise, sdxl_vector)
-from .network import TrainNetwork
-from .optim import build_optimizer, build_scheduler
-from .plot import write_loss_curve
+from .optim import build_optimizer, build_scheduler, max_norm_
 from .samples import read_prompts
+from .saving import file_stem, load_state, prune, read_state, save
+from .trainable import TrainNetwork
 
 log = logging.getLogger("sd-webui-lora")
 
-STATE_VERSION = 2
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)  # kohya's fixed validation timesteps
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -125,15 +124,6 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def file_stem(name: str, *, epoch: int | None = None, step: int | None = None) -> str:
-    """kohya's file names: ``name-000004`` (epoch), ``name-step00000100`` (step), ``name`` (last)."""
-    if epoch is not None:
-        return f"{name}-{epoch:06d}"
-    if step is not None:
-        return f"{name}-step{step:08d}"
-    return name
-
-
 def overfit_warning(val: list[tuple[int, float]], train: list[tuple[int, float]]) -> str | None:
     """A warning when the last validation loss rose while the mean training loss since the previous
     validation fell, compared with the interval before it."""
@@ -152,10 +142,36 @@ def overfit_warning(val: list[tuple[int, float]], train: list[tuple[int, float]]
             f"from {tb:.5f} to {ta:.5f}: the network may be overfitting; an earlier save may be better")
 
 
+@dataclass
+class Plan:
+    """The run's shape in optimizer steps: batches per step (accumulation × processes), steps per epoch, total
+    steps and epochs, and how often to save by epoch."""
+
+    micro_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+    save_every_n_epochs: int | None
+
+
+def plan_steps(cfg: TrainConfig, dataset: Dataset, processes: int) -> Plan:
+    micro = cfg.gradient_accumulation_steps * processes
+    per_epoch = math.ceil(dataset.batches_per_epoch() / micro)
+    total = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    epochs = math.ceil(total / per_epoch)
+    every = cfg.save_every_n_epochs
+    if cfg.save_n_epoch_ratio:
+        every = math.floor(epochs / cfg.save_n_epoch_ratio) or 1  # kohya: about that many epoch files in all
+    return Plan(micro, per_epoch, total, epochs, every)
+
+
 class Trainer:
     """One training run: ``run(progress_callback)`` trains and saves; ``cancel()`` (from any thread) stops it
     at the next step boundary, saving a loadable network and a resumable state. ``dist`` places the run in a
-    multi-process launch (see ``distributed``); only its first process logs, reports and writes files."""
+    multi-process launch (see ``distributed``); only its first process logs, reports and writes files.
+
+    A run goes options → data and plan → network → optimiser → loop, each a method below; saving and resuming
+    are in ``saving``."""
 
     def __init__(self, config: TrainConfig, bundle: ModelBundle, log_fn: Callable[[str], None] | None = None,
                  dist: Distributed | None = None):
@@ -164,9 +180,31 @@ class Trainer:
         self.bundle = bundle
         self.dist = dist or Distributed()
         self.log = (log_fn or log.info) if self.dist.main else (lambda m: None)
-        self.network: TrainNetwork | None = None
-        self.dataset: Dataset | None = None
         self.warnings: list[str] = []
+        self.dataset: Dataset | None = None
+        self.plan: Plan | None = None
+        self.network: TrainNetwork | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_name = ""
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scaler = None
+        self.cache: LatentCache | None = None
+        self.noise = NoiseSchedule(zero_terminal_snr=config.zero_terminal_snr)
+        self.run_log: RunLog | None = None
+        self.device = torch.device("cpu")
+        self.unet_dtype = torch.float32
+        self.seed = 0
+        self.step = 0
+        self.train_te = False
+        self.losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.saved: list[str] = []
+        self.metadata: dict[str, str] = {}
+        self.version = ""
+        self.session_id = random.Random().randint(0, 2**32)
+        self.started_at = time.time()
+        self._progress: Callable[[Progress], None] = lambda p: None
+        self._caching_cancelled = False
         self._cancel = threading.Event()
         self._started = False
 
@@ -189,41 +227,82 @@ class Trainer:
             raise RuntimeError("a Trainer runs once; make a new one (with resume=...) to continue")
         self._started = True
         self._progress = (progress_callback if self.dist.main else None) or (lambda p: None)
+        cfg = self.cfg
         unet = self.bundle.unet
         param = next(unet.parameters())
         self.device, self.unet_dtype = param.device, param.dtype
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), frozen(self.bundle.sd_model):
-            self._prepare()
+        with torch.random.fork_rng(devices=devices), frozen(self.bundle.sd_model), \
+                using_attention(unet, cfg.attention) as switched, self._base_weights():
+            if switched:
+                self.log(f"attention: {cfg.attention} in {switched} UNet attention modules")
+            state = read_state(cfg.resume) if cfg.resume else None
+            self._seed(state)
+            self._data()
+            self._network()
+            self._optimiser()
+            if state:
+                load_state(self, cfg.resume, state)
+            self.dist.broadcast_params(list(self.network.parameters()))
+            self._describe()
+            if cfg.cache_latents:
+                self._fill_cache()
             if self.dist.any(self._caching_cancelled):
-                self._emit("cancelled", message="cancelled while caching latents; nothing was trained")
+                self.emit("cancelled", message="cancelled while caching latents; nothing was trained")
                 return self._result(None, None, True)
+            self.run_log = RunLog(cfg, self.log) if self.dist.main else None
             self.network.attach()
             try:
-                with gradient_checkpointing(checkpoint_blocks(self.bundle), self.cfg.gradient_checkpointing):
+                with gradient_checkpointing(checkpoint_blocks(self.bundle), cfg.gradient_checkpointing):
                     return self._train()
             finally:
                 self.network.detach()
+                if self.run_log:
+                    self.run_log.close()
 
-    def _prepare(self) -> None:
+    def _seed(self, state: dict | None) -> None:
         cfg = self.cfg
-        state = self._read_state(cfg.resume) if cfg.resume else None
-        self.seed = state["seed"] if state else (cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1))
-        self.seed = self.dist.broadcast_int(self.seed)
+        seed = state["seed"] if state else (cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1))
+        self.seed = self.dist.broadcast_int(seed)
         if state and cfg.seed is not None and cfg.seed != self.seed:
-            self._warn(f"resuming with the saved seed {self.seed}, not seed={cfg.seed}")
+            self.warn(f"resuming with the saved seed {self.seed}, not seed={cfg.seed}")
         torch.manual_seed(self.seed)
+
+    def _data(self) -> None:
+        """The images (folders, in_json or kohya's dataset TOML), the plan of steps, the latent cache."""
+        cfg = self.cfg
         self.dataset = Dataset(cfg, self.seed)
         for w in self.dataset.warnings:
-            self._warn(w)
-        if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
-            self._warn("lr_scheduler constant ignores lr_warmup_steps; use constant_with_warmup")
+            self.warn(w)
+        for n in self.dataset.notes:
+            self.log("note: " + n)
+        for s in self.dataset.subsets + self.dataset.reg_subsets:
+            if (s.random_crop or s.color_aug) and (cfg.cache_latents or cfg.cache_latents_to_disk):
+                raise LoraError(s.path, "random_crop / color_aug need cache_latents and cache_latents_to_disk off",
+                                "a cached latent is one fixed view")
+        self.plan = plan_steps(cfg, self.dataset, self.dist.world)
+        self.cache = LatentCache(self.bundle.vae_encode, self.bundle.vae_id, cfg.cache_latents,
+                                 (cfg.latent_cache_dir or os.path.join(cfg.train_data_dir or cfg.output_dir,
+                                                                       ".latent_cache"))
+                                 if cfg.cache_latents_to_disk else None)
+
+    def _network(self) -> None:
+        """The trainable modules on the model (from network_weights when given)."""
+        cfg = self.cfg
+        if cfg.dim_from_weights:
+            if not cfg.network_weights:
+                raise LoraError(None, "dim_from_weights needs network_weights", "give the network file to start from")
+            source = load_network(cfg.network_weights)
+            cfg.network_dim, cfg.network_alpha = int(source.rank), float(source.alpha)
+            self.log(f"network_dim {cfg.network_dim}, network_alpha {cfg.network_alpha} from {cfg.network_weights}")
         self.network = TrainNetwork(self.bundle.sd_model, cfg).to(self.device)
         for s in self.network.skipped:
-            self._warn(s)
+            self.warn(s)
         if self.network.family == "sdxl" and max(cfg.resolution_wh()) < 1024:
-            self._warn(f"SDXL was trained at 1024x1024; resolution {cfg.resolution} gives a network that is "
-                       "weaker at SDXL's sizes (use 1024, max_bucket_reso 2048)")
+            self.warn(f"SDXL was trained at 1024x1024; resolution {cfg.resolution} gives a network that is "
+                      "weaker at SDXL's sizes (use 1024, max_bucket_reso 2048)")
+        if self.network.family == "sdxl" and cfg.clip_skip is not None:
+            self.warn("clip_skip does nothing on SDXL (its text encoders use fixed layers, as in kohya's trainer)")
         if cfg.network_weights:
             tensors, _ = read_state_dict(cfg.network_weights)
             n = self.network.load_kohya_state_dict(tensors, cfg.network_weights, strict=False)
@@ -231,54 +310,62 @@ class Trainer:
                 raise LoraError(cfg.network_weights, "no tensor matches this network's kohya key names",
                                 "start from a file trained for this model family with the same network_algo")
             self.log(f"started from {n} tensors of {cfg.network_weights}")
+        if cfg.scale_weight_norms and cfg.network_algo != "lora":
+            self.warn("scale_weight_norms works on LoRA modules only; it is off for this network")
         self.train_te = any(p != "unet" for p in self.network.parts.values())
-        self.micro_per_step = cfg.gradient_accumulation_steps * self.dist.world
-        self.steps_per_epoch = math.ceil(self.dataset.batches_per_epoch() / self.micro_per_step)
-        self.total_steps = (cfg.max_train_epochs * self.steps_per_epoch if cfg.max_train_epochs else cfg.max_train_steps)
-        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def _optimiser(self) -> None:
+        cfg = self.cfg
         groups = self.network.param_groups(cfg.text_encoder_lr or cfg.learning_rate, cfg.unet_lr or cfg.learning_rate)
-        self.optimizer, optimizer_name = build_optimizer(cfg, groups)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        self.optimizer, self.optimizer_name = build_optimizer(cfg, groups)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.total_steps)
         self.scaler = grad_scaler() if cfg.mixed_precision == "fp16" and self.device.type == "cuda" else None
-        self.noise = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
+        if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+            self.warn("lr_scheduler constant ignores lr_warmup_steps; use constant_with_warmup")
         if cfg.zero_terminal_snr and not cfg.v_parameterization:
-            self._warn("zero_terminal_snr with ε-prediction: the last timestep's target cannot be predicted; "
-                       "it is meant for v_parameterization")
-        self.step = 0
-        self.losses: list[tuple[int, float]] = []
-        self.val_losses: list[tuple[int, float]] = []
-        self.session_id = random.Random().randint(0, 2**32)
-        self.started_at = time.time()
-        self.saved: list[str] = []
-        self.cache = LatentCache(self.bundle.vae_encode, self.bundle.vae_id, cfg.cache_latents,
-                                 (cfg.latent_cache_dir or os.path.join(cfg.train_data_dir, ".latent_cache"))
-                                 if cfg.cache_latents_to_disk else None)
-        if state:
-            self._load_state(cfg.resume, state)
-        self.dist.broadcast_params(list(self.network.parameters()))
+            self.warn("zero_terminal_snr with ε-prediction: the last timestep's target cannot be predicted; "
+                      "it is meant for v_parameterization")
+
+    @contextlib.contextmanager
+    def _base_weights(self) -> Iterator[None]:
+        """kohya's ``base_weights``: networks merged into the model for the run, taken out afterwards."""
+        cfg = self.cfg
+        if not cfg.base_weights:
+            yield
+            return
+        patcher = Patcher(self.bundle.sd_model)
+        uses = [Use(load_network(p), te=m, unet=m) for p, m in zip(cfg.base_weights, cfg.base_weight_multipliers())]
+        result = patcher.apply(uses, mode="merge")
+        if result.errors or result.skipped:
+            patcher.restore()
+            problem = (result.errors or result.skipped)[0]
+            raise LoraError(None, f"base_weights could not be merged: {problem}", "use networks of this model family")
+        self.log(f"merged {len(uses)} base_weights networks for the run")
+        try:
+            yield
+        finally:
+            patcher.restore()
+
+    def _describe(self) -> None:
+        cfg, d, plan = self.cfg, self.dataset, self.plan
         if cfg.pretrained_model_name_or_path and "ss_new_sd_model_hash" not in self.bundle.base_model_info:
             self.log(f"hashing {cfg.pretrained_model_name_or_path} for the metadata")
+        self.version = implementation_version()
         self.metadata = training_metadata(
-            cfg, self.dataset, family=self.network.family, optimizer=optimizer_name, num_epochs=self.total_epochs,
-            processes=self.dist.world,
-            total_steps=self.total_steps, session_id=self.session_id, started_at=self.started_at, seed=self.seed,
-            base_info=base_model_info(cfg, self.bundle.base_model_info))
-        self.metadata.update(modelspec(cfg, self.network.family, self.started_at))
-        self.log(f"{self.dataset.num_train_images} training images with repeats, {self.dataset.num_reg_images} "
-                 f"regularisation, {len(self.dataset.validation)} validation; {len(self.network.loras)} modules; "
-                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps, seed {self.seed}")
-        self._caching_cancelled = False
-        if cfg.cache_latents:
-            self._fill_cache()
+            cfg, d, family=self.network.family, optimizer=self.optimizer_name, num_epochs=plan.total_epochs,
+            processes=self.dist.world, total_steps=plan.total_steps, session_id=self.session_id,
+            started_at=self.started_at, seed=self.seed, base_info=base_model_info(cfg, self.bundle.base_model_info))
+        self.log(f"{d.num_train_images} training images with repeats, {d.num_reg_images} regularisation, "
+                 f"{len(d.validation)} validation; {len(self.network.loras)} modules; {plan.steps_per_epoch} steps "
+                 f"per epoch, {plan.total_steps} steps, seed {self.seed}")
 
     def _fill_cache(self) -> None:
         d = self.dataset
         jobs = [(i, View()) for i in d.train_items() + d.reg_items() + d.validation]
-        if self.cfg.flip_aug:
-            jobs += [(i, View(flip=True)) for i in d.train_items() + d.reg_items()]
+        jobs += [(i, View(flip=True)) for i in d.train_items() + d.reg_items() if i.subset and i.subset.flip_aug]
 
         def progress(done: int, total: int) -> bool:
-            self._emit("caching", message=f"caching latents {done}/{total}")
+            self.emit("caching", message=f"caching latents {done}/{total}")
             if self.cancelled:
                 self._caching_cancelled = True
                 return False
@@ -288,53 +375,70 @@ class Trainer:
         hits = self.cache.hits
         self.log(f"latents: {hits['encoded']} encoded, {hits['disk']} from the disk cache")
 
+    # ---- the loop -------------------------------------------------------------------------------------
     def _train(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
         rate = None
-        while self.step < self.total_steps and not self._stop_requested():
-            epoch = self.step // self.steps_per_epoch + 1
+        if cfg.sample_at_first and self.step == 0:
+            self._sample(0)
+        while self.step < plan.total_steps and not self._stop_requested():
+            epoch = self.step // plan.steps_per_epoch + 1
             batches = self.dataset.epoch_batches(self.seed, epoch)
-            for s in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
-                if self._stop_requested() or self.step >= self.total_steps:
+            for s in range(self.step % plan.steps_per_epoch, plan.steps_per_epoch):
+                if self._stop_requested() or self.step >= plan.total_steps:
                     break
                 t0 = time.perf_counter()
-                first = s * self.micro_per_step
-                indices = list(range(first, min(first + self.micro_per_step, len(batches))))
+                first = s * plan.micro_per_step
+                indices = list(range(first, min(first + plan.micro_per_step, len(batches))))
                 loss = self._optimizer_step(batches, epoch, indices)
                 self.step += 1
                 self.losses.append((self.step, loss))
                 dt = time.perf_counter() - t0
                 rate = 1 / dt if rate is None else 0.9 * rate + 0.1 / dt
                 recent = [x for _, x in self.losses[-50:]]
-                self._emit("training", epoch=epoch, loss=loss, avg_loss=sum(recent) / len(recent),
-                           lr=self.scheduler.get_last_lr()[-1], it_per_s=rate,
-                           eta_s=(self.total_steps - self.step) / rate)
-                last = self.step >= self.total_steps
+                lrs = self.scheduler.get_last_lr()
+                self.emit("training", epoch=epoch, loss=loss, avg_loss=sum(recent) / len(recent), lr=lrs[-1],
+                          it_per_s=rate, eta_s=(plan.total_steps - self.step) / rate)
+                self._log_step(loss, sum(recent) / len(recent), lrs)
+                last = self.step >= plan.total_steps
                 if cfg.validate_every_n_steps and self.step % cfg.validate_every_n_steps == 0:
                     self._validate()
                 if cfg.sample_every_n_steps and self.step % cfg.sample_every_n_steps == 0:
                     self._sample(epoch)
                 if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and not last:
-                    self._save(file_stem(cfg.output_name, step=self.step), self.step // self.steps_per_epoch)
-            if self.step % self.steps_per_epoch == 0 and self.step // self.steps_per_epoch == epoch:
+                    save(self, file_stem(cfg.output_name, step=self.step), self.step // plan.steps_per_epoch)
+                    prune(self, step=self.step)
+            if self.step % plan.steps_per_epoch == 0 and self.step // plan.steps_per_epoch == epoch:
                 self._end_of_epoch(epoch)
         if self.cancelled:
-            stem = file_stem(cfg.output_name, step=self.step)
-            out, state = self._save(stem, self.step // self.steps_per_epoch)
-            self._emit("cancelled", message=f"cancelled at step {self.step}; saved {out}")
+            out, state = save(self, file_stem(cfg.output_name, step=self.step), self.step // plan.steps_per_epoch)
+            self.emit("cancelled", message=f"cancelled at step {self.step}; saved {out}")
             return self._result(out, state, True)
-        out, state = self._save(file_stem(cfg.output_name), self.total_epochs)
-        self._emit("done", message=f"saved {out}")
+        out, state = save(self, file_stem(cfg.output_name), plan.total_epochs)
+        self.emit("done", message=f"saved {out}")
         return self._result(out, state, False)
 
     def _end_of_epoch(self, epoch: int) -> None:
-        cfg = self.cfg
-        if cfg.validate_every_n_epochs and epoch % cfg.validate_every_n_epochs == 0 and not cfg.validate_every_n_steps:
+        cfg, plan = self.cfg, self.plan
+        epoch_losses = [x for s, x in self.losses if (epoch - 1) * plan.steps_per_epoch < s <= epoch * plan.steps_per_epoch]
+        if self.run_log and epoch_losses:
+            self.run_log.scalars({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, epoch)
+        if epoch % (cfg.validate_every_n_epochs or 1) == 0 and not cfg.validate_every_n_steps:
             self._validate()
         if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             self._sample(epoch)
-        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.step < self.total_steps:
-            self._save(file_stem(cfg.output_name, epoch=epoch), epoch)
+        if plan.save_every_n_epochs and epoch % plan.save_every_n_epochs == 0 and self.step < plan.total_steps:
+            save(self, file_stem(cfg.output_name, epoch=epoch), epoch)
+            prune(self, epoch=epoch)
+
+    def _log_step(self, loss: float, average: float, lrs: list[float]) -> None:
+        """kohya's step scalars: current and average loss, each group's learning rate."""
+        if not self.run_log:
+            return
+        values = {"loss/current": loss, "loss/average": average}
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            values["lr/textencoder" if group.get("name") == "te" else "lr/unet"] = lr
+        self.run_log.scalars(values, self.step)
 
     def _result(self, out: str | None, state: str | None, cancelled: bool) -> TrainResult:
         return TrainResult(out, state, self.step, cancelled, list(self.saved), list(self.losses),
@@ -344,19 +448,23 @@ class Trainer:
     def _optimizer_step(self, batches: list[list[ImageItem]], epoch: int, indices: list[int]) -> float:
         """One optimizer step over the epoch's batches ``indices`` (this process's share of them); the loss
         is the mean over all of them, so the step does not depend on how they are split between processes."""
+        cfg = self.cfg
         self.network.train()
         total = 0.0
         for b in self.dist.my_share(indices):
             batch = batches[b]
-            captions, views = self.dataset.batch_choices(batch, self.seed, epoch, b)
+            captions, views = self.dataset.batch_choices(batch, self.seed, epoch, b, self.step, self.plan.total_steps)
             latents = self.cache.get(batch, views).to(self.device)
-            weights = torch.tensor([self.cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
+            weights = torch.tensor([cfg.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=self.device)
             gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b))
-            timesteps = torch.randint(0, self.noise.steps, (len(batch),), generator=gen)
+            low, high = cfg.min_timestep or 0, self.noise.steps if cfg.max_timestep is None else cfg.max_timestep
+            timesteps = torch.randint(low, high, (len(batch),), generator=gen)
             noise = self._noise_like(latents, gen)
             perturbed = None
-            if self.cfg.ip_noise_gamma:
-                perturbed = noise + self.cfg.ip_noise_gamma * torch.randn(latents.shape, generator=gen).to(self.device)
+            if cfg.ip_noise_gamma:
+                strength = cfg.ip_noise_gamma * (float(torch.rand((), generator=gen))
+                                                 if cfg.ip_noise_gamma_random_strength else 1.0)
+                perturbed = noise + strength * torch.randn(latents.shape, generator=gen).to(self.device)
             loss = self._loss(latents, batch, captions, timesteps, noise, weights, train=True, input_noise=perturbed,
                               views=views)
             scaled = loss / len(indices)
@@ -367,8 +475,8 @@ class Trainer:
         total = self.dist.sum(total)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -376,14 +484,22 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.scale_weight_norms and cfg.network_algo == "lora":
+            max_norm_(self.network.loras.values(), cfg.scale_weight_norms)
         return total / len(indices)
 
     def _noise_like(self, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """kohya's noise: offset noise (random strength, adaptive to the latents' mean), then pyramid noise."""
+        cfg = self.cfg
         noise = torch.randn(latents.shape, generator=gen)
-        if self.cfg.noise_offset:
-            noise = noise + self.cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-        if self.cfg.multires_noise_iterations:
-            noise = pyramid_noise(noise, gen, self.cfg.multires_noise_iterations, self.cfg.multires_noise_discount)
+        if cfg.noise_offset:
+            offset = cfg.noise_offset * (float(torch.rand((), generator=gen)) if cfg.noise_offset_random_strength else 1.0)
+            if cfg.adaptive_noise_scale is not None:
+                mean = latents.detach().float().cpu().mean(dim=(2, 3), keepdim=True).abs()
+                offset = torch.clamp(offset + cfg.adaptive_noise_scale * mean, min=0.0)
+            noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        if cfg.multires_noise_iterations:
+            noise = pyramid_noise(noise, gen, cfg.multires_noise_iterations, cfg.multires_noise_discount)
         return noise.to(self.device)
 
     def _loss(self, latents: torch.Tensor, items: list[ImageItem], captions: list[str], timesteps: torch.Tensor,
@@ -404,11 +520,12 @@ class Trainer:
             pred = self.bundle.unet(noisy.to(self.unet_dtype), timesteps.to(self.device), cond.to(self.unet_dtype),
                                     **extra)
         target = self.noise.velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-        huber_c = (self.noise.huber_threshold(timesteps, cfg.huber_schedule, cfg.huber_c)
+        huber_c = (self.noise.huber_threshold(timesteps, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale)
                    if cfg.loss_type in ("huber", "smooth_l1") else None)
         loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=(1, 2, 3)) * weights
         snr_weight = self.noise.loss_weight(timesteps, cfg.min_snr_gamma, cfg.v_parameterization,
-                                            cfg.debiased_estimation_loss)
+                                            cfg.debiased_estimation_loss, cfg.scale_v_pred_loss_like_noise_pred,
+                                            cfg.v_pred_like_loss)
         if snr_weight is not None:
             loss = loss * snr_weight.to(loss.device)
         return loss.mean()
@@ -416,13 +533,13 @@ class Trainer:
     # ---- validation and samples --------------------------------------------------------------------
     def _validate(self) -> None:
         """Mean loss over the held-out images at fixed noise and timesteps, so values are comparable."""
-        items = self.dataset.validation
+        items = self.dataset.validation[:self.cfg.max_validation_steps]
         if not items:
             return
         if not self.dist.main:
             self.dist.barrier()
             return
-        self._emit("validating", message=f"validation loss on {len(items)} images")
+        self.emit("validating", message=f"validation loss on {len(items)} images")
         self.network.eval()
         seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
         gen = torch.Generator().manual_seed(seed)
@@ -433,14 +550,16 @@ class Trainer:
                 latent = self.cache.get([item], [View()]).to(self.device).expand(len(t), -1, -1, -1)
                 noise = self._noise_like(latent, gen)
                 ones = torch.ones(len(t), device=self.device)
-                caption = with_affixes(item.caption, self.cfg)
+                caption = with_affixes(item.caption, item.subset or self.cfg)
                 total += float(self._loss(latent, [item] * len(t), [caption] * len(t), t, noise, ones, train=False))
         value = total / len(items)
         self.val_losses.append((self.step, value))
         self.log(f"step {self.step}: validation loss {value:.5f}")
+        if self.run_log:
+            self.run_log.scalars({"loss/validation/step_current": value}, self.step)
         warning = overfit_warning(self.val_losses, self.losses)
         if warning:
-            self._warn(warning)
+            self.warn(warning)
         self.dist.barrier()
 
     def _sample(self, epoch: int) -> None:
@@ -449,7 +568,9 @@ class Trainer:
         if fn is None or not path or not self.dist.main:
             return
         prompts = read_prompts(path)
-        self._emit("sampling", epoch=epoch, message=f"{len(prompts)} sample images")
+        for p in prompts:
+            p.sampler = p.sampler or self.cfg.sample_sampler
+        self.emit("sampling", epoch=epoch, message=f"{len(prompts)} sample images")
         self.network.eval()
         with torch.no_grad():
             images = fn(prompts, self.step)
@@ -457,109 +578,18 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         for i, img in enumerate(images):
             img.save(os.path.join(folder, f"{self.cfg.output_name}_{self.step:06d}_{i:02d}.png"))
-
-    # ---- saving and resuming ---------------------------------------------------------------------
-    def _save(self, stem: str, epoch: int) -> tuple[str, str | None]:
-        cfg = self.cfg
-        self._emit("saving", message=f"saving {stem}")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        path = os.path.join(cfg.output_dir, stem + ".safetensors")
-        state = os.path.join(cfg.output_dir, stem + "-state") if cfg.save_state else None
-        if not self.dist.main:
-            self.dist.barrier()
-            return path, state
-        metadata = dict(self.metadata, ss_training_finished_at=str(time.time()), ss_steps=str(self.step),
-                        ss_epoch=str(epoch))
-        write_network(path, self.network.kohya_state_dict(SAVE_DTYPES[cfg.save_precision]), metadata)
-        self.saved.append(path)
-        if state:
-            self._write_state(state)
-        write_loss_curve(os.path.join(cfg.output_dir, cfg.output_name + "-loss.png"), self.losses, self.val_losses,
-                         f"{cfg.output_name}: step {self.step}/{self.total_steps}")
-        self.log(f"saved {path}")
-        self.dist.barrier()
-        return path, state
-
-    def _write_state(self, folder: str) -> None:
-        """network + optimizer + scheduler + RNG states + counters; written to a temp folder that replaces
-        ``folder`` only once complete (``train_state.json`` last), so a crash never leaves half a state."""
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(self.network.kohya_state_dict(), os.path.join(tmp, "network.safetensors"))
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }, os.path.join(tmp, "optimizer.pt"))
-        info = {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "session_id": self.session_id,
-                "training_started_at": self.started_at, "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps, "losses": self.losses, "val_losses": self.val_losses,
-                "processes": self.dist.world,
-                "config": self.cfg.to_dict()}
-        with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f)
-            f.flush()
-            os.fsync(f.fileno())
-        old = folder + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-
-    @staticmethod
-    def _read_state(folder: str) -> dict:
-        path = os.path.join(folder, "train_state.json")
-        if not os.path.isfile(path):
-            raise LoraError(folder, "is not a training state (no train_state.json)",
-                            "resume from a '<name>-...-state' folder written by a run with save_state")
-        try:
-            with open(path, encoding="utf-8") as f:
-                info = json.load(f)
-        except (OSError, ValueError) as e:
-            raise LoraError(path, f"unreadable training state ({e.__class__.__name__})",
-                            "resume from another state") from None
-        if info.get("version") != STATE_VERSION:
-            raise LoraError(path, f"training state version {info.get('version')} is not {STATE_VERSION}",
-                            "it was written by another version of this trainer")
-        return info
-
-    def _load_state(self, folder: str, info: dict) -> None:
-        self.network.load_kohya_state_dict(read_state_dict(os.path.join(folder, "network.safetensors"))[0], folder)
-        blob = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
-        try:
-            self.optimizer.load_state_dict(blob["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise LoraError(folder, f"optimizer state does not fit ({e})", "resume with the same optimizer_type") from None
-        self.scheduler.load_state_dict(blob["scheduler"])
-        if self.scaler and blob["scaler"]:
-            self.scaler.load_state_dict(blob["scaler"])
-        torch.set_rng_state(blob["torch_rng"])
-        if self.device.type == "cuda" and blob["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(blob["cuda_rng"], self.device)
-        self.step = int(info["step"])
-        self.losses = [tuple(x) for x in info["losses"]]
-        self.val_losses = [tuple(x) for x in info["val_losses"]]
-        self.session_id = int(info["session_id"])
-        self.started_at = float(info["training_started_at"])
-        if info.get("processes", 1) != self.dist.world:
-            self._warn(f"the saved run used {info.get('processes', 1)} processes, this one {self.dist.world}: "
-                       "steps now hold a different number of batches")
-        elif info["steps_per_epoch"] != self.steps_per_epoch:
-            self._warn(f"the dataset now gives {self.steps_per_epoch} steps per epoch, the saved run had "
-                       f"{info['steps_per_epoch']}: batches will not match the interrupted run")
-        if self.step >= self.total_steps:
-            self._warn(f"the state is at step {self.step}, already at max_train_steps {self.total_steps}")
-        self.log(f"resumed from {folder} at step {self.step}")
+        if self.run_log:
+            self.run_log.images(images, [p.prompt for p in prompts], self.step)
 
     # ---- reporting ---------------------------------------------------------------------------------
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         self.warnings.append(message)
         self.log("warning: " + message)
 
-    def _emit(self, phase: str, **kw) -> None:
-        kw.setdefault("epoch", min(self.step // self.steps_per_epoch + 1, self.total_epochs))
-        self._progress(Progress(phase, step=self.step, total_steps=self.total_steps, total_epochs=self.total_epochs, **kw))
+    def emit(self, phase: str, **kw) -> None:
+        plan = self.plan
+        if plan is None:
+            self._progress(Progress(phase, step=self.step, **kw))
+            return
+        kw.setdefault("epoch", min(self.step // plan.steps_per_epoch + 1, plan.total_epochs))
+        self._progress(Progress(phase, step=self.step, total_steps=plan.total_steps, total_epochs=plan.total_epochs, **kw))

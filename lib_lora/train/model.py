@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LoraError
+from ..forward_swap import ForwardSwap
 from .samples import SamplePrompt
 
 Tensor = torch.Tensor
@@ -115,28 +116,39 @@ class NoiseSchedule:
         ac = self.alphas_cumprod[t.cpu()]
         return ac / (1.0 - ac)
 
-    def loss_weight(self, t: Tensor, min_snr_gamma: float | None, v_prediction: bool,
-                    debiased: bool = False) -> Tensor | None:
-        """kohya's ``apply_snr_weight``: min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) (v-prediction);
-        times ``apply_debiased_estimation``'s 1/√SNR (ε) or 1/(SNR+1) (v), SNR capped at 1000."""
-        weight = None
+    def loss_weight(self, t: Tensor, min_snr_gamma: float | None, v_prediction: bool, debiased: bool = False,
+                    v_like_noise: bool = False, v_pred_like: float | None = None) -> Tensor | None:
+        """kohya's ``post_process_loss`` as one weight per sample: ``apply_snr_weight`` min(SNR, γ)/SNR (ε) or
+        min(SNR, γ)/(SNR+1) (v); ``scale_v_prediction_loss_like_noise_prediction`` s = SNR/(SNR+1);
+        ``add_v_prediction_like_loss`` 1 + v_pred_like/s; ``apply_debiased_estimation`` 1/√SNR (ε) or 1/(SNR+1)
+        (v); SNR capped at 1000 where kohya caps it."""
+        factors = []
         snr = self.snr(t)
+        capped = torch.clamp(snr, max=1000.0)
         if min_snr_gamma:
             clipped = torch.clamp(snr, max=min_snr_gamma)
-            weight = clipped / (snr + 1.0) if v_prediction else clipped / snr
+            factors.append(clipped / (snr + 1.0) if v_prediction else clipped / snr)
+        scale = capped / (capped + 1.0)
+        if v_like_noise:
+            factors.append(scale)
+        if v_pred_like:
+            factors.append(1.0 + v_pred_like / scale)
         if debiased:
-            capped = torch.clamp(snr, max=1000.0)
-            debias = 1.0 / (capped + 1.0) if v_prediction else 1.0 / capped.sqrt()
-            weight = debias if weight is None else weight * debias
+            factors.append(1.0 / (capped + 1.0) if v_prediction else 1.0 / capped.sqrt())
+        if not factors:
+            return None
+        weight = factors[0]
+        for f in factors[1:]:
+            weight = weight * f
         return weight
 
-    def huber_threshold(self, t: Tensor, schedule: str, c: float) -> Tensor:
+    def huber_threshold(self, t: Tensor, schedule: str, c: float, scale: float = 1.0) -> Tensor:
         """kohya's ``get_huber_threshold_if_needed``: constant c, exponential decay from 1 to c over the
-        timesteps, or (1 − c)/(1 + σ)² + c with σ = √((1 − ᾱ)/ᾱ) (``snr``)."""
+        timesteps (both times ``huber_scale``), or (1 − c)/(1 + σ)² + c with σ = √((1 − ᾱ)/ᾱ) (``snr``)."""
         if schedule == "constant":
-            return torch.full(t.shape, c)
+            return torch.full(t.shape, c * scale)
         if schedule == "exponential":
-            return torch.exp(math.log(c) / self.steps * t.float())
+            return torch.exp(math.log(c) / self.steps * t.float()) * scale
         ac = self.alphas_cumprod[t.cpu()]
         sigma = ((1.0 - ac) / ac).sqrt()
         return (1.0 - c) / (1.0 + sigma) ** 2 + c
@@ -193,7 +205,7 @@ def gradient_checkpointing(blocks: list[nn.Module], enabled: bool) -> Iterator[N
              for name in ("checkpoint", "use_checkpoint") if isinstance(getattr(m, name, None), bool)]
     for m, name, _ in flags:
         setattr(m, name, False)
-    previous = [block.__dict__.get("forward") for block in blocks]
+    swaps = []
     if enabled:
         for block in blocks:
             original = block.forward
@@ -203,17 +215,14 @@ def gradient_checkpointing(blocks: list[nn.Module], enabled: bool) -> Iterator[N
                     return _original(*args, **kwargs)
                 return checkpoint(_original, *args, use_reentrant=False, **kwargs)
 
-            block.forward = forward
+            swaps.append(ForwardSwap(block, forward))
     try:
         yield
     finally:
         for m, name, value in flags:
             setattr(m, name, value)
-        for block, prev in zip(blocks, previous):
-            if prev is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = prev
+        for swap in swaps:
+            swap.remove()
 
 
 @contextlib.contextmanager

@@ -131,3 +131,23 @@ def schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg, total_steps))
+
+
+def max_norm_(modules, max_norm: float) -> int:
+    """kohya's ``scale_weight_norms`` (``apply_max_norm_regularization``) on LoRA modules: a module whose
+    ΔW = up·down·scale has a Frobenius norm above ``max_norm`` gets up and down scaled by √(max_norm/norm).
+    Returns how many were scaled."""
+    scaled = 0
+    with torch.no_grad():
+        for m in modules:
+            up, down = getattr(m, "lora_up", None), getattr(m, "lora_down", None)
+            if up is None or down is None:
+                continue
+            delta = up.weight.reshape(up.weight.shape[0], -1) @ down.weight.reshape(down.weight.shape[0], -1) * m.scale
+            norm = delta.norm().clamp(min=max_norm / 2)
+            ratio = float(torch.clamp(norm, max=max_norm) / norm)
+            if ratio != 1:
+                scaled += 1
+                up.weight.mul_(ratio ** 0.5)
+                down.weight.mul_(ratio ** 0.5)
+    return scaled

@@ -1,7 +1,9 @@
-"""The loss curve as a PNG drawn with pillow (no matplotlib in the WebUI's or the engine's dependencies)."""
+"""The loss curve: as a PNG drawn with pillow (no matplotlib in the WebUI's or the engine's dependencies), and
+as rows for an interactive plot."""
 from __future__ import annotations
 
 import io
+import math
 
 from PIL import Image, ImageDraw
 
@@ -20,6 +22,24 @@ def moving_average(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def smoothed(train: list[tuple[int, float]]) -> list[float]:
+    """The training loss's moving average over a twentieth of the run."""
+    raw = [v for _, v in train]
+    return moving_average(raw, max(1, len(raw) // 20))
+
+
+def loss_rows(train: list[tuple[int, float]], val: list[tuple[int, float]],
+              max_points: int = 500) -> list[tuple[str, int, float]]:
+    """(curve, step, loss) rows: the training loss and its moving average at no more than ``max_points``
+    evenly spaced steps (the last one always), and every validation loss."""
+    stride = max(1, math.ceil(len(train) / max_points))
+    kept = sorted(range(len(train) - 1, -1, -stride))
+    average = smoothed(train)
+    return ([("training loss", train[i][0], train[i][1]) for i in kept]
+            + [("moving average", train[i][0], average[i]) for i in kept]
+            + [("validation loss", s, v) for s, v in val])
 
 
 def render(train: list[tuple[int, float]], val: list[tuple[int, float]], title: str) -> Image.Image:
@@ -56,10 +76,9 @@ def render(train: list[tuple[int, float]], val: list[tuple[int, float]], title: 
     d.text((W // 2 - 15, H - 18), "step", fill="black")
     if train:
         steps = [s for s, _ in train]
-        raw = [v for _, v in train]
         if len(train) > 1:
             d.line([xy(s, v) for s, v in train], fill=TRAIN_RAW, width=1)
-            d.line([xy(s, v) for s, v in zip(steps, moving_average(raw, max(1, len(raw) // 20)))], fill=TRAIN_AVG, width=2)
+            d.line([xy(s, v) for s, v in zip(steps, smoothed(train))], fill=TRAIN_AVG, width=2)
         d.text((W - RIGHT - 230, TOP + 6), "training loss (moving average)", fill=TRAIN_AVG)
     if val:
         pts = [xy(s, v) for s, v in val]

@@ -22,12 +22,14 @@ from modules import (call_queue, images, infotext_utils, processing, script_call
 from modules.ui_extra_networks_user_metadata import UserMetadataEditor
 
 from .. import cards, sidecar
-from .. import inspect as lora_inspect
+from ..adapters import kind_label
 from ..errors import LoraError
 from ..keymap import FAMILY_NAMES
-from . import glue
+from ..structure import LARGE_RANK
+from ..summary import file_summary
+from . import glue, route_guards
 
-VERSIONS = ["SD1", "SD2", "SDXL", "Unknown"]
+VERSIONS = [*cards.SD_VERSIONS, "Unknown"]
 
 
 def model_family() -> str | None:
@@ -35,7 +37,7 @@ def model_family() -> str | None:
     model = sd_models.model_data.sd_model
     if model is None:
         return None
-    for family, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1")):
+    for family, flag in (("sd3", "is_sd3"), ("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1")):
         if getattr(model, flag, False):
             return family
     return None
@@ -85,7 +87,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         }
         self.read_user_metadata(item)
         family = item["sdlora"]["family"]
-        if enable_filter and not cards.fits(family, model_family(), bool(glue.opt("sdlora_hide_incompatible", True))):
+        if enable_filter and not cards.fits(family, model_family(), bool(glue.opt("lora_show_all", False)),
+                                            glue.opt("lora_hide_unknown_for_versions", []) or []):
             return None
         return item
 
@@ -100,9 +103,9 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         item["sd_version"] = cards.VERSION_OF.get(family, "Unknown")
         item["description"] = cards.description(user, civitai) or self.find_description(os.path.splitext(entry.path)[0])
         item["search_terms"] = cards.search_terms(entry, user, civitai, struct, family)
-        prefer_alias = glue.state().settings().prefer_alias
+        prefer_alias = glue.state().settings().prefer_alias and glue.opt("lora_preferred_name", "") != "Filename"
         name = cards.prompt_name(glue.state().catalog, entry, prefer_alias)
-        weight = cards.preferred_weight(user)
+        weight = sidecar.preferred_weight(user)
         activation = str(user.get("activation text") or "").strip()
         item["prompt"] = " + ".join([
             js_string(f"<lora:{name}:"),
@@ -141,12 +144,12 @@ def badges_html(item: dict) -> str:
     struct = info["structure"]
     badges = []
     if struct.kind:
-        modules = ", ".join(f"{n} {cards.KIND_LABELS.get(k, k)}" for k, n in struct.kinds.items())
+        modules = ", ".join(f"{n} {kind_label(k)}" for k, n in struct.kind_counts.items())
         badges.append(("kind", struct.kind, f"modules: {modules}"))
     if struct.rank:
         if struct.large:
             badges.append(("rank sdlora-large", f"rank {struct.rank}",
-                           f"rank {cards.LARGE_RANK} or more: a large network, more likely to overfit and slower"))
+                           f"rank {LARGE_RANK} or more: a large network, more likely to overfit and slower"))
         else:
             badges.append(("rank", f"rank {struct.rank}", ""))
     if info["family"]:
@@ -229,7 +232,7 @@ class LoraEditor(UserMetadataEditor):
             str(user.get("notes") or ""),
             item["sd_version"],
             str(user.get("activation text") or ""),
-            cards.preferred_weight(user),
+            sidecar.preferred_weight(user),
             str(user.get("negative text") or ""),
             gr.update(value=[], visible=False),
             "",
@@ -237,19 +240,19 @@ class LoraEditor(UserMetadataEditor):
         ]
 
     def file_table(self, item: dict) -> str:
-        """File, hashes, the engine's inspect summary and kohya's training metadata; then the tag table."""
+        """File, hashes, the engine's file summary and kohya's training metadata; then the tag table."""
         entry, civitai = item["sdlora"]["entry"], item["sdlora"]["civitai"]
         rows = [("File", os.path.relpath(entry.path, entry.root)), ("Size", sysinfo.pretty_bytes(entry.size)),
                 ("Modified", datetime.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M"))]
         try:
-            summary = lora_inspect.inspect_file(entry.path, glue.state().catalog.limits)
+            summary = file_summary(entry.path, glue.state().catalog.limits)
         except LoraError as e:
             rows.append(("Error", e.message))
         else:
             hashes = summary["hashes"]
             rows += [("SHA256", hashes["sha256"]), ("AutoV2", hashes["autov2"]), ("AutoV3", hashes["autov3"]),
                      ("Format", summary["format"]), ("Detected base model", FAMILY_NAMES[summary["base_model"]]),
-                     ("Modules", ", ".join(f"{n} {cards.KIND_LABELS.get(k, k)}" for k, n in summary["kinds"].items())),
+                     ("Modules", ", ".join(f"{n} {kind_label(k)}" for k, n in summary["kinds"].items())),
                      ("Rank / alpha", f"{summary['rank']} / {summary['alpha']}"), ("Unused keys", summary["unmatched"])]
         if civitai.base_label:
             rows.append(("civitai base model", civitai.base_label))
@@ -360,7 +363,9 @@ def try_weights(req: TryWeights) -> dict:
 
 
 def add_routes(_demo, app) -> None:
-    app.add_api_route("/lora/v1/try-weights", try_weights, methods=["POST"])
+    """The API route, and the same for the page's own button (which has no API credentials)."""
+    app.add_api_route("/lora/v1/try-weights", try_weights, methods=["POST"], dependencies=route_guards.api_dependencies())
+    app.add_api_route("/internal/lora/try-weights", try_weights, methods=["POST"], dependencies=route_guards.page_dependencies(app))
 
 
 # ---- registration --------------------------------------------------------------------------------------
@@ -378,14 +383,7 @@ def drop_builtin_page(*_args, **_kwargs) -> None:
         pages[:] = [p for p in pages if p.name != "lora" or isinstance(p, LoraPage)]
 
 
-def on_ui_settings() -> None:
-    info = shared.OptionInfo(True, "Lora page: hide networks made for another base model than the loaded checkpoint")
-    info.section = glue.SECTION
-    shared.opts.add_option("sdlora_hide_incompatible", info)
-
-
 def install_callbacks() -> None:
     script_callbacks.on_before_ui(register_page)
     script_callbacks.on_before_component(drop_builtin_page)
-    script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(add_routes)

@@ -1,26 +1,30 @@
 """The LoRA Tools tab and its HTTP routes: resize, merge and extract through ``lib_lora.tools``.
 
-Resize and merge read the loaded checkpoint's weights (with every network taken out first), holding the WebUI's
-queue lock so no generation merges networks meanwhile; merging into a checkpoint and extracting read checkpoint
-files from disk. New files go to the first Lora folder (networks) or the checkpoint folder, never over an
-existing file, and the lists are refreshed.
+Each operation is a job of the WebUI (``job.webui_job``): it waits in the WebUI's queue behind generations, so
+no generation merges networks meanwhile, shows in its progress bar and ``/sdapi/v1/progress``, and stops on its
+Interrupt (or the tab's Cancel) without writing anything. Resize and merge read the loaded checkpoint's weights
+(with every network taken out first); merging into a checkpoint and extracting read checkpoint files from disk.
+New files go to the first Lora folder (networks) or the checkpoint folder, never over an existing file, and the
+lists are refreshed.
 """
 from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import gradio as gr
 from pydantic import BaseModel
 
-from modules import call_queue, script_callbacks, sd_models, shared
+from modules import script_callbacks, sd_models, shared
 
 from ..errors import LoraError
 from ..prompt import PromptError, parse_prompt
 from ..tools import (RankRule, ToolResult, as_modules, extract, merge_into_checkpoint, merge_networks, read_checkpoint,
                      resize, save_checkpoint, save_network)
-from ..tools.lowrank import DYNAMIC, SAVE_DTYPES
-from . import glue
+from ..tools.lowrank import DYNAMIC, ToolProgress
+from ..train.metadata import SAVE_DTYPES
+from . import glue, job, route_guards
 
 _RE_FILE_NAME = re.compile(r"[\w][\w .()\[\]+-]*")
 
@@ -52,7 +56,7 @@ def networks(spec: str) -> list[tuple]:
     st = glue.state()
     out = []
     for req in requests:
-        if (req.unet is not None and req.unet != req.te) or req.dyn or req.lbw or req.start is not None \
+        if (req.unet is not None and req.unet != req.te) or req.dyn or req.lbw or req.lbwe or req.start is not None \
                 or req.stop is not None:
             raise LoraError(None, f"{req.text}: a merge takes one weight per network",
                             "write <lora:name:weight> without UNet weights, dyn, lbw, start or stop")
@@ -64,7 +68,7 @@ def networks(spec: str) -> list[tuple]:
 
 
 def _loaded_model():
-    """The loaded checkpoint with every network taken out (call with the queue lock held)."""
+    """The loaded checkpoint with every network taken out (call in a job: with the queue lock held)."""
     model = shared.sd_model
     if model is None:
         raise LoraError(None, "no checkpoint is loaded", "load the checkpoint the networks were made for")
@@ -86,41 +90,64 @@ def _saved(path: str, result: ToolResult) -> dict:
             "message": f"Saved {path}: {result.summary()}"}
 
 
-def do_resize(name: str, rank: int, conv_rank: int | None, dynamic: str | None, dynamic_param: float | None,
-              precision: str, output: str) -> dict:
+def as_job(tool: str, title: str, task_id: str | None, work: Callable[[ToolProgress], dict]) -> dict:
+    """``work(progress)`` as one WebUI job (its task ``task_id``, or a new one); an Interrupt during it answers
+    ``cancelled`` with nothing written."""
+    with job.webui_job(job.TOOLS_JOB + tool, task_id) as running:
+        try:
+            return dict(work(running.ticker(title)), cancelled=False)
+        except job.Interrupted:
+            message = f"{title}: cancelled; nothing was written"
+            return {"path": None, "summary": message, "skipped": [], "message": message, "cancelled": True}
+
+
+def do_resize(task_id: str | None, name: str, rank: int, conv_rank: int | None, dynamic: str | None,
+              dynamic_param: float | None, precision: str, output: str) -> dict:
     rule = RankRule(int(rank), None if conv_rank is None else int(conv_rank), dynamic or None, dynamic_param)
-    path = output_path(output, glue.lora_dirs()[0])
-    (net, _w), = networks(f"<lora:{name}:1>")
-    with call_queue.queue_lock:
-        result = resize(net, _loaded_model(), rule, precision)
-    return _saved(path, result)
 
-
-def do_merge(spec: str, rank: int, conv_rank: int | None, precision: str, output: str, into_checkpoint: bool) -> dict:
-    items = networks(spec)
-    if not into_checkpoint:
+    def work(progress: ToolProgress) -> dict:
         path = output_path(output, glue.lora_dirs()[0])
-        with call_queue.queue_lock:
-            result = merge_networks(items, _loaded_model(), RankRule(int(rank), conv_rank and int(conv_rank)), precision)
-        return _saved(path, result)
-    source = shared.sd_model.sd_checkpoint_info.filename if shared.sd_model is not None else None
-    if not source:
-        raise LoraError(None, "no checkpoint is loaded", "load the checkpoint to merge into")
-    path = output_path(output, os.path.dirname(source))
-    tensors, metadata = read_checkpoint(source)
-    res = merge_into_checkpoint(items, tensors)
-    save_checkpoint(path, tensors, metadata)
-    sd_models.list_models()
-    message = f"Saved {path}: {len(res.matched)} layers merged into {os.path.basename(source)}"
-    return {"path": path, "summary": message, "skipped": res.skipped, "message": message}
+        (net, _w), = networks(f"<lora:{name}:1>")
+        return _saved(path, resize(net, _loaded_model(), rule, precision, progress))
+    return as_job("resize", f"Resizing {name}", task_id, work)
 
 
-def do_extract(base: str, tuned: str, rank: int, conv_rank: int | None, min_diff: float, precision: str,
-               output: str) -> dict:
-    path = output_path(output, glue.lora_dirs()[0])
-    trees = [as_modules(read_checkpoint(_checkpoint_file(title))[0]) for title in (base, tuned)]
-    result = extract(trees[0], trees[1], RankRule(int(rank), int(conv_rank or 0)), float(min_diff), precision)
-    return _saved(path, result)
+def do_merge(task_id: str | None, spec: str, rank: int, conv_rank: int | None, precision: str, output: str,
+             into_checkpoint: bool) -> dict:
+    def to_network(progress: ToolProgress) -> dict:
+        items = networks(spec)
+        path = output_path(output, glue.lora_dirs()[0])
+        rule = RankRule(int(rank), conv_rank and int(conv_rank))
+        return _saved(path, merge_networks(items, _loaded_model(), rule, precision, progress))
+
+    def to_checkpoint(progress: ToolProgress) -> dict:
+        items = networks(spec)
+        source = shared.sd_model.sd_checkpoint_info.filename if shared.sd_model is not None else None
+        if not source:
+            raise LoraError(None, "no checkpoint is loaded", "load the checkpoint to merge into")
+        path = output_path(output, os.path.dirname(source))
+        progress(0, 3)
+        tensors, metadata = read_checkpoint(source)
+        progress(1, 3)
+        res = merge_into_checkpoint(items, tensors)
+        progress(2, 3)
+        save_checkpoint(path, tensors, metadata)
+        sd_models.list_models()
+        message = f"Saved {path}: {len(res.matched)} layers merged into {os.path.basename(source)}"
+        return {"path": path, "summary": message, "skipped": res.skipped, "message": message}
+    if into_checkpoint:
+        return as_job("merge", "Merging into the checkpoint", task_id, to_checkpoint)
+    return as_job("merge", "Merging networks", task_id, to_network)
+
+
+def do_extract(task_id: str | None, base: str, tuned: str, rank: int, conv_rank: int | None, min_diff: float,
+               precision: str, output: str) -> dict:
+    def work(progress: ToolProgress) -> dict:
+        path = output_path(output, glue.lora_dirs()[0])
+        trees = [as_modules(read_checkpoint(_checkpoint_file(title))[0]) for title in (base, tuned)]
+        rule = RankRule(int(rank), int(conv_rank or 0))
+        return _saved(path, extract(trees[0], trees[1], rule, float(min_diff), precision, progress))
+    return as_job("extract", f"Extracting {tuned} - {base}", task_id, work)
 
 
 # ---- UI and routes ------------------------------------------------------------------------------------
@@ -137,9 +164,20 @@ def _number_or_none(value) -> int | None:
     return None if value in (None, "") or value < 0 else int(value)
 
 
-def resize_from_form(name, rank, conv, dynamic, param, precision, output) -> str:
-    return _ui_call(do_resize, name, rank, _number_or_none(conv), dynamic or None, param if dynamic else None,
-                    precision, output)
+def resize_from_form(task_id, name, rank, conv, dynamic, param, precision, output) -> str:
+    return _ui_call(do_resize, task_id, name, rank, _number_or_none(conv), dynamic or None,
+                    param if dynamic else None, precision, output)
+
+
+def job_controls(tool: str, label: str, task: gr.Textbox, fn: Callable, inputs: list) -> None:
+    """The tool's button (``fn`` on ``inputs``, its task id from the page first), a Cancel (the WebUI's
+    Interrupt, for the tools only) and the result, above which the WebUI's progress bar shows."""
+    with gr.Row():
+        go = gr.Button(label, variant="primary", elem_id=f"sdlora_tools_{tool}_go")
+        cancel = gr.Button("Cancel", elem_id=f"sdlora_tools_{tool}_cancel")
+    result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id=f"sdlora_tools_{tool}_result")
+    go.click(fn, [task] + inputs, [result], _js=f"(...args) => sdloraToolStart('{tool}', args)", show_progress=False)
+    cancel.click(job.interrupt_tools, [], [], show_progress=False)
 
 
 def network_choices():
@@ -158,7 +196,9 @@ def on_ui_tabs() -> list:
     with gr.Blocks(analytics_enabled=False) as ui:
         gr.Markdown("Resize, merge or extract networks. New files go to the Lora folder (merged checkpoints to the "
                     "checkpoint's folder); an existing file is never replaced. Resize and merge use the loaded "
-                    "checkpoint, so load the one the networks were made for.")
+                    "checkpoint, so load the one the networks were made for. Each waits for the WebUI's current "
+                    "job; Cancel (or the WebUI's Interrupt) stops it without writing anything.")
+        task = gr.Textbox(visible=False, elem_id="sdlora_tools_task")
         with gr.Tab("Resize", elem_id="sdlora_tools_resize"):
             with gr.Row():
                 name = gr.Dropdown(names, label="Network", elem_id="sdlora_tools_resize_name", allow_custom_value=True)
@@ -171,9 +211,7 @@ def on_ui_tabs() -> list:
                 precision = gr.Dropdown(list(SAVE_DTYPES), value="fp16", label="Precision",
                                         elem_id="sdlora_tools_resize_precision")
                 out = gr.Textbox(label="Output name", elem_id="sdlora_tools_resize_output")
-            go = gr.Button("Resize", variant="primary", elem_id="sdlora_tools_resize_go")
-            result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="sdlora_tools_resize_result")
-            go.click(resize_from_form, [name, rank, conv, dynamic, param, precision, out], [result])
+            job_controls("resize", "Resize", task, resize_from_form, [name, rank, conv, dynamic, param, precision, out])
             refresh.click(network_choices, [], [name])
         with gr.Tab("Merge", elem_id="sdlora_tools_merge"):
             spec = gr.Textbox(label="Networks", placeholder="<lora:style:0.7> <lora:detail:0.3>", lines=2,
@@ -185,10 +223,9 @@ def on_ui_tabs() -> list:
                 into = gr.Checkbox(False, label="Into the loaded checkpoint (a new checkpoint file)",
                                    elem_id="sdlora_tools_merge_into")
                 m_out = gr.Textbox(label="Output name", elem_id="sdlora_tools_merge_output")
-            m_go = gr.Button("Merge", variant="primary", elem_id="sdlora_tools_merge_go")
-            m_result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="sdlora_tools_merge_result")
-            m_go.click(lambda s, r, c, p, o, i: _ui_call(do_merge, s, r, _number_or_none(c), p, o, i),
-                       [spec, m_rank, m_conv, m_prec, m_out, into], [m_result])
+            job_controls("merge", "Merge", task,
+                         lambda t, s, r, c, p, o, i: _ui_call(do_merge, t, s, r, _number_or_none(c), p, o, i),
+                         [spec, m_rank, m_conv, m_prec, m_out, into])
         with gr.Tab("Extract", elem_id="sdlora_tools_extract"):
             tiles = sd_models.checkpoint_tiles()
             with gr.Row():
@@ -201,9 +238,8 @@ def on_ui_tabs() -> list:
                 e_min = gr.Number(0.01, label="Minimum text-encoder change", elem_id="sdlora_tools_extract_min")
                 e_prec = gr.Dropdown(list(SAVE_DTYPES), value="fp16", label="Precision", elem_id="sdlora_tools_extract_precision")
                 e_out = gr.Textbox(label="Output name", elem_id="sdlora_tools_extract_output")
-            e_go = gr.Button("Extract", variant="primary", elem_id="sdlora_tools_extract_go")
-            e_result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="sdlora_tools_extract_result")
-            e_go.click(lambda *a: _ui_call(do_extract, *a), [base, tuned, e_rank, e_conv, e_min, e_prec, e_out], [e_result])
+            job_controls("extract", "Extract", task, lambda *a: _ui_call(do_extract, *a),
+                         [base, tuned, e_rank, e_conv, e_min, e_prec, e_out])
             e_refresh.click(checkpoint_choices, [], [base, tuned])
     return [(ui, "LoRA Tools", "sdlora_tools")]
 
@@ -236,7 +272,8 @@ class Extract(BaseModel):
 
 
 def on_app_started(_demo, app) -> None:
-    """``POST /lora/v1/tools/{resize,merge,extract}``: the tab's operations; errors answer 400 with the message."""
+    """``POST /lora/v1/tools/{resize,merge,extract}``: the tab's operations; errors answer 400 with the message,
+    an interrupted operation ``cancelled: true``."""
     from fastapi import HTTPException
 
     def run(fn, *args) -> dict:
@@ -245,17 +282,19 @@ def on_app_started(_demo, app) -> None:
         except (LoraError, PromptError) as e:
             raise HTTPException(status_code=400, detail=getattr(e, "message", str(e))) from None
 
-    @app.post("/lora/v1/tools/resize")
+    guard = route_guards.api_dependencies()
+
+    @app.post("/lora/v1/tools/resize", dependencies=guard)
     def resize_route(r: Resize):
-        return run(do_resize, r.name, r.rank, r.conv_rank, r.dynamic, r.dynamic_param, r.precision, r.output)
+        return run(do_resize, None, r.name, r.rank, r.conv_rank, r.dynamic, r.dynamic_param, r.precision, r.output)
 
-    @app.post("/lora/v1/tools/merge")
+    @app.post("/lora/v1/tools/merge", dependencies=guard)
     def merge_route(r: Merge):
-        return run(do_merge, r.networks, r.rank, r.conv_rank, r.precision, r.output, r.into_checkpoint)
+        return run(do_merge, None, r.networks, r.rank, r.conv_rank, r.precision, r.output, r.into_checkpoint)
 
-    @app.post("/lora/v1/tools/extract")
+    @app.post("/lora/v1/tools/extract", dependencies=guard)
     def extract_route(r: Extract):
-        return run(do_extract, r.base, r.tuned, r.rank, r.conv_rank, r.min_diff, r.precision, r.output)
+        return run(do_extract, None, r.base, r.tuned, r.rank, r.conv_rank, r.min_diff, r.precision, r.output)
 
 
 def install_callbacks() -> None:

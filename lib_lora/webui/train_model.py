@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from modules import call_queue, devices, lowvram, processing, sd_hijack, sd_vae, shared
+from modules import devices, lowvram, processing, sd_hijack, sd_vae, shared
 
 from ..errors import LoraError
 from ..train import ModelBundle, SamplePrompt, TrainConfig
-from . import glue
+from . import glue, job
 
 
 @dataclass
@@ -34,16 +34,15 @@ class SampleOptions:
 
 
 @contextlib.contextmanager
-def hold_model() -> Iterator[None]:
-    """The WebUI's queue lock and job state for a whole run; afterwards the prompt-conditioning cache is
-    emptied (it may hold conds made with the network attached) and the new files are listed."""
-    with call_queue.queue_lock, training_attention():
-        shared.state.begin(job="sdlora_train")
+def hold_model(task_id: str) -> Iterator[None]:
+    """The WebUI's queue and job state for a whole run (its task ``task_id``); afterwards the
+    prompt-conditioning cache is emptied (it may hold conds made with the network attached) and the new files
+    are listed."""
+    with job.webui_job(job.TRAIN_JOB, task_id), training_attention():
         try:
             yield
         finally:
             forget_conds()
-            shared.state.end()
             devices.torch_gc()
             glue.state().catalog.refresh()
 
@@ -88,6 +87,7 @@ def make_bundle(cfg: TrainConfig, samples: SampleOptions | None) -> ModelBundle:
     sha256 = info.sha256 or (info.calculate_shorthash() and info.sha256)
     cfg.pretrained_model_name_or_path = info.filename
     cfg.v_parameterization = getattr(model, "parameterization", "eps") == "v"
+    cfg.clip_skip = shared.opts.CLIP_stop_at_last_layers if getattr(model, "is_sd1", False) else None  # as encoded
     vae = next(model.first_stage_model.parameters())
 
     def vae_encode(pixels: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,37 @@
-"""The "Train LoRA" tab: the trainer's options as a form, Start / Cancel / Resume, and live progress.
+"""The "Train LoRA" tab and the ``/lora/v1/train`` routes: the trainer's options as a form (or as JSON), Start /
+Cancel / Resume, and live progress.
 
 Thin glue: fields, defaults, help texts and choices come from ``TrainConfig`` (through ``lib_lora.train.form``),
-the run is a ``lib_lora.train.session.Session`` on the WebUI's loaded model (``train_model``).
+the run is a ``lib_lora.train.session.Session`` on the WebUI's loaded model (``train_model``), a job of the WebUI
+(``job.TrainingJob``): its progress bar, live preview, ``/sdapi/v1/progress`` and Interrupt follow the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
+import pandas as pd  # gradio's own dependency: the value type of its plots
 
 from modules import script_callbacks
 
 from ..errors import LoraError
-from ..train import form
-from ..train.plot import render
+from ..train import Progress, TrainConfig, form
+from ..train.plot import loss_rows
 from ..train.session import Session
-from . import glue, train_model
+from . import glue, job, route_guards, train_model
 
 RUN: Session | None = None  # the current or last run; it holds the model while RUN.holds_model
+RUN_TASK = ""  # RUN's task id in the WebUI's queue, which its progress bar follows
 _STARTING = threading.Lock()
+BUSY = "A training run is already going: cancel it or wait for it to finish"
 REFUSAL = ("A LoRA training run is using the model, so this generation was refused: cancel the run in the "
            "Train LoRA tab or wait for it to finish.")
-PLOT_EVERY_S = 10.0  # a new loss curve at most this often while running (each is a file in gradio's cache)
+PLOT_EVERY_S = 3.0  # a new loss plot at most this often while running
+SAMPLE_STEPS, SAMPLE_SEED = 20, 1  # sample images' defaults, in the tab and through the API
 
 GROUPS = {  # accordion → rows of {option: label}
     "Dataset": [
@@ -93,35 +100,50 @@ def field(name: str, label: str, value=None) -> gr.components.Component:
     return gr.Textbox(value, **kw)
 
 
-def start(resume_from: str, prompts: str, sample_steps: float, sample_seed: float, *values) -> str:
-    """Start (or, with a state folder, resume) a run on the loaded model; the form's errors are shown at once."""
-    global RUN
+def begin_run(make_config: Callable[[], tuple[TrainConfig, train_model.SampleOptions | None]],
+              task_id: str) -> Session | None:
+    """Start a run of ``make_config()`` (called only when no run is going) as the WebUI task ``task_id``;
+    None while another run is going."""
+    global RUN, RUN_TASK
     with _STARTING:
         if RUN is not None and RUN.alive:
-            raise gr.Error("A run is already going: cancel it or wait for it to finish")
-        RUN = new_session(resume_from, prompts, sample_steps, sample_seed, values)
+            return None
+        cfg, samples = make_config()
+        RUN = Session(cfg, lambda: train_model.make_bundle(cfg, samples), lambda: train_model.hold_model(task_id),
+                      hooks=job.TrainingJob(cfg.output_name))
+        RUN_TASK = task_id
         RUN.start()
-    return RUN.status()
+    return RUN
 
 
-def new_session(resume_from: str, prompts: str, sample_steps: float, sample_seed: float, values: tuple) -> Session:
-    """A run of the form's options on the loaded model; the form's mistakes are raised as gr.Error."""
-    named = dict(zip(FIELD_NAMES, values), resume=resume_from)
+def start(resume_from: str, prompts: str, sample_steps: float, sample_seed: float, *values) -> tuple[str, str]:
+    """Start (or, with a state folder, resume) a run on the loaded model; the form's errors are shown at once.
+    Returns the status and the run's task id (for the WebUI's progress bar)."""
+    task = job.new_task_id()
     try:
-        cfg = form.from_form(named)
-        samples = None
-        if prompts.strip():
-            cfg.sample_prompts = write_prompts(cfg.output_dir, cfg.output_name, prompts)
-            w, h = cfg.resolution_wh()
-            samples = train_model.SampleOptions(w, h, int(sample_steps or 20), int(sample_seed or 0))
+        run = begin_run(lambda: form_config(resume_from, prompts, sample_steps, sample_seed, values), task)
     except LoraError as e:
         raise gr.Error(e.message) from None
     except OSError as e:
         raise gr.Error(f"cannot write the sample prompts: {e}") from None
-    return Session(cfg, lambda: train_model.make_bundle(cfg, samples), train_model.hold_model)
+    if run is None:
+        raise gr.Error(BUSY)
+    return run.status(), task
 
 
-def start_new(*values) -> str:
+def form_config(resume_from: str, prompts: str, sample_steps: float, sample_seed: float,
+                values: tuple) -> tuple[TrainConfig, train_model.SampleOptions | None]:
+    """The form's options and sample settings (its prompts written to a file, as the trainer reads them)."""
+    cfg = form.from_form(dict(zip(FIELD_NAMES, values), resume=resume_from))
+    samples = None
+    if prompts.strip():
+        cfg.sample_prompts = write_prompts(cfg.output_dir, cfg.output_name, prompts)
+        w, h = cfg.resolution_wh()
+        samples = train_model.SampleOptions(w, h, int(sample_steps or SAMPLE_STEPS), int(sample_seed or 0))
+    return cfg, samples
+
+
+def start_new(*values) -> tuple[str, str]:
     """Start without resuming."""
     return start("", *values)
 
@@ -143,9 +165,19 @@ def cancel() -> str:
     return RUN.status()
 
 
+def running_task() -> str:
+    """The task id of the run going, for the progress bar of a page opened during it."""
+    return RUN_TASK if RUN is not None and RUN.alive else ""
+
+
+def loss_frame(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> pd.DataFrame | None:
+    rows = loss_rows(train, val)
+    return pd.DataFrame(rows, columns=["curve", "step", "loss"]) if rows else None
+
+
 def watch() -> Iterator[tuple]:
-    """Progress text, log (newest first), loss curve, samples and the state folder to resume from, every
-    second while the current run is alive (once when it is not); unchanged images are not sent again."""
+    """Progress text, log (newest first), loss plot, samples and the state folder to resume from, every
+    second while the current run is alive (once when it is not); unchanged plots and images are not sent again."""
     run = RUN
     if run is None:
         yield "", "", gr.update(), gr.update(), gr.update()
@@ -154,9 +186,10 @@ def watch() -> Iterator[tuple]:
     while True:
         snap = run.snapshot()
         plot = gallery = resume = gr.update()
-        if len(snap.losses) != shown_steps and (not snap.alive or time.monotonic() - plotted_at >= PLOT_EVERY_S):
-            plot = render(snap.losses, snap.val_losses, f"{run.cfg.output_name}: loss")
-            shown_steps, plotted_at = len(snap.losses), time.monotonic()
+        points = len(snap.losses) + len(snap.val_losses)
+        if points != shown_steps and (not snap.alive or time.monotonic() - plotted_at >= PLOT_EVERY_S):
+            plot = loss_frame(snap.losses, snap.val_losses)
+            shown_steps, plotted_at = points, time.monotonic()
         if snap.sample_count != shown_samples:
             gallery, shown_samples = snap.samples, snap.sample_count
         if snap.result is not None and snap.result.cancelled and snap.result.state:
@@ -202,25 +235,29 @@ def on_ui_tabs() -> list:
                                     fields[name] = field(name, label, default)
                         if title == "Samples":
                             with gr.Row():
-                                sample_steps = gr.Number(20, label="Sampling steps", precision=0,
+                                sample_steps = gr.Number(SAMPLE_STEPS, label="Sampling steps", precision=0,
                                                          elem_id="sdlora_train_sample_steps")
-                                sample_seed = gr.Number(1, label="Sample seed", precision=0, info="the same at "
-                                                        "every step, so samples compare",
+                                sample_seed = gr.Number(SAMPLE_SEED, label="Sample seed", precision=0,
+                                                        info="the same at every step, so samples compare",
                                                         elem_id="sdlora_train_sample_seed")
                             prompts = gr.Textbox(label="Sample prompts", lines=3, info="one per line; "
                                                  "rendered with txt2img (Euler a, CFG 7) at the training "
                                                  "resolution unless the line says otherwise with kohya's "
                                                  "options: --n negative --w 512 --h 768 --s 20 --l 7 --d 1 "
                                                  "--ss euler_a", elem_id="sdlora_train_sample_prompts")
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, elem_id="sdlora_train_job"):
                 with gr.Row():
                     button_start = gr.Button("Start", variant="primary", elem_id="sdlora_train_start")
                     button_cancel = gr.Button("Cancel", variant="stop", elem_id="sdlora_train_cancel")
                     button_resume = gr.Button("Resume", elem_id="sdlora_train_resume")
                 resume_from = gr.Textbox(label="Resume from state folder", elem_id="sdlora_train_resume_from",
                                          info="a '<name>-...-state' folder; filled in when a run is cancelled")
+                task = gr.Textbox(visible=False, elem_id="sdlora_train_task")
+                gr.HTML(elem_id="sdlora_train_progress")  # the WebUI's progress bar goes here
                 status = gr.Textbox(label="Progress", interactive=False, elem_id="sdlora_train_status")
-                plot = gr.Image(label="Loss", show_label=False, interactive=False, elem_id="sdlora_train_plot")
+                plot = gr.LinePlot(x="step", y="loss", color="curve", tooltip=["curve", "step", "loss"],
+                                   color_legend_position="bottom", width=400, height=200, label="Loss",
+                                   show_label=False, elem_id="sdlora_train_plot")
                 gallery = gr.Gallery(label="Sample images", columns=4, height=260, object_fit="contain",
                                      elem_id="sdlora_train_samples")
                 log = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, interactive=False,
@@ -229,14 +266,75 @@ def on_ui_tabs() -> list:
         form_inputs = [prompts, sample_steps, sample_seed] + [fields[n] for n in FIELD_NAMES]
         watched = [status, log, plot, gallery, resume_from]
         preset.change(apply_preset, inputs=[preset], outputs=[fields[k] for k in PRESET_FIELDS], show_progress=False)
-        button_start.click(start_new, inputs=form_inputs, outputs=[status], show_progress=False)\
-            .success(watch, outputs=watched, show_progress=False)
-        button_resume.click(start, inputs=[resume_from] + form_inputs, outputs=[status], show_progress=False)\
-            .success(watch, outputs=watched, show_progress=False)
+        for started in (button_start.click(start_new, inputs=form_inputs, outputs=[status, task], show_progress=False),
+                        button_resume.click(start, inputs=[resume_from] + form_inputs, outputs=[status, task],
+                                            show_progress=False)):
+            started.success(None, _js="sdloraFollowTrainRun", inputs=[task])
+            started.success(watch, outputs=watched, show_progress=False)
         button_cancel.click(cancel, outputs=[status], show_progress=False)
+        ui.load(running_task, outputs=[task], show_progress=False)\
+            .then(None, _js="sdloraFollowTrainRun", inputs=[task])
         ui.load(watch, outputs=watched, show_progress=False)
     return [(ui, "Train LoRA", "sdlora_train")]
 
 
+def run_json(run: Session | None) -> dict[str, Any]:
+    """The run as ``GET /lora/v1/train`` answers: its state and status line, the trainer's phase and message,
+    the last step's report (step, loss, ETA, ...; null before the first), the files saved so far, and at the
+    end the network, the state folder to resume from and the warnings."""
+    out: dict[str, Any] = {"state": "idle", "status": "", "task_id": "", "name": None, "error": None, "saved": [],
+                           "output": None, "resume_from": None, "warnings": [], "log": []}
+    out.update(dict.fromkeys(f.name for f in dataclasses.fields(Progress)))
+    if run is None:
+        return out
+    snap = run.snapshot()
+    out.update(state=snap.state, status=snap.status, task_id=RUN_TASK, name=run.cfg.output_name,
+               error=snap.error, saved=[f for f in snap.saved if os.path.exists(f)], log=snap.log[-20:])
+    if snap.last_step is not None:
+        out.update(dataclasses.asdict(snap.last_step))
+    if snap.progress is not None:
+        out.update(phase=snap.progress.phase, message=snap.progress.message, step=snap.progress.step)
+    if snap.result is not None:
+        out.update(output=snap.result.output, resume_from=snap.result.state, warnings=snap.result.warnings)
+    return out
+
+
+def api_config(options: dict) -> tuple[TrainConfig, train_model.SampleOptions | None]:
+    """A config from the API's JSON (the CLI's and kohya's option names); samples at the training resolution."""
+    cfg = TrainConfig.from_dict(options)
+    samples = train_model.SampleOptions(*cfg.resolution_wh(), SAMPLE_STEPS, SAMPLE_SEED) if cfg.sample_prompts else None
+    return cfg, samples
+
+
+def on_app_started(_demo, app) -> None:
+    """``POST /lora/v1/train`` (start a run: 400 for a bad config, 409 while a run is going), ``GET
+    /lora/v1/train`` (the current or last run), ``POST /lora/v1/train/cancel``; each answers ``run_json``."""
+    from fastapi import Body, HTTPException
+
+    guard = route_guards.api_dependencies()
+
+    @app.post("/lora/v1/train", dependencies=guard)
+    def train_start(options: dict = Body(...)):
+        try:
+            run = begin_run(lambda: api_config(options), job.new_task_id())
+        except LoraError as e:
+            raise HTTPException(status_code=400, detail=e.message) from None
+        if run is None:
+            raise HTTPException(status_code=409, detail=BUSY)
+        return run_json(run)
+
+    @app.get("/lora/v1/train", dependencies=guard)
+    def train_status():
+        return run_json(RUN)
+
+    @app.post("/lora/v1/train/cancel", dependencies=guard)
+    def train_cancel():
+        run = RUN
+        if run is not None and run.alive:
+            run.cancel()
+        return run_json(run)
+
+
 def install_callbacks() -> None:
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)

@@ -46,21 +46,49 @@ def lora_dir(tmp_path_factory):
     return d
 
 
+TINY_KINDS = ("sdxl", "sd2v", "sd1", "sd3")
+
+
 def tiny_checkpoint(bed: str, kind: str) -> pathlib.Path:
-    """tests/webui/tiny_checkpoints.py's ``kind`` ("sdxl" or "sd2v") checkpoint, built with the bed's Python
-    once per version of that script."""
+    """tests/webui/tiny_checkpoints.py's ``kind`` (one of TINY_KINDS) checkpoint, built with the bed's Python once
+    per version of that script; SD3 also needs the T5 tokenizer in the bed's HF cache, written once per bed."""
     script = pathlib.Path(__file__).with_name("tiny_checkpoints.py")
     version = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
     out = pathlib.Path.home() / ".cache" / "sd-webui-lora" / f"tiny-{kind}-{version}"
     ckpt = out / f"tiny-{kind}.safetensors"
+    hub = pathlib.Path(bed, "hf-home", "hub")
+    if kind == "sd3" and not (hub / "models--google--t5-v1_1-xxl" / "refs" / "main").exists():
+        _run_bed_python(bed, script, "t5-tokenizer", str(hub))
     if not ckpt.exists():
-        snapshot = next(pathlib.Path(bed, "hf-home", "hub", "models--openai--clip-vit-large-patch14", "snapshots").iterdir())
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-        run = subprocess.run([str(pathlib.Path(bed, "venv", "bin", "python")), str(script), kind, str(out),
-                              str(pathlib.Path(bed, "webui")), str(snapshot)], capture_output=True, text=True, env=env,
-                             timeout=600)
-        assert run.returncode == 0 and ckpt.exists(), run.stderr[-3000:]
+        snapshot = next((hub / "models--openai--clip-vit-large-patch14" / "snapshots").iterdir())
+        _run_bed_python(bed, script, kind, str(out), str(pathlib.Path(bed, "webui")), str(snapshot))
+        assert ckpt.exists()
     return ckpt
+
+
+def _run_bed_python(bed: str, *args) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", HF_HOME=str(pathlib.Path(bed, "hf-home")))
+    run = subprocess.run([str(pathlib.Path(bed, "venv", "bin", "python")), *map(str, args)], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+AUTH = ("tester", "s3cret")
+
+# name → (this extension linked in, built-in Lora enabled, tiny checkpoint kind or None, more launch.py arguments)
+CONFIGS = {
+    "ours": (True, False, None, ()),
+    "both": (True, True, None, ()),
+    "builtin": (False, True, None, ()),
+    "sdxl": (True, False, "sdxl", ()),
+    "sd2v": (True, False, "sd2v", ()),
+    "sd3": (True, False, "sd3", ()),
+    "fp8": (True, False, None, ()),  # "ours", restarted for tests that change the FP8 settings
+    "medvram": (True, False, None, ("--medvram",)),
+    "lowvram": (True, False, None, ("--lowvram",)),
+    "auth": (True, False, None, ("--api-auth", ":".join(AUTH), "--gradio-auth", ":".join(AUTH))),
+    "installed": (False, False, None, ()),  # only what the Extensions tab installed into the bed
+}
 
 
 class Server:
@@ -68,28 +96,43 @@ class Server:
 
     def __init__(self, bed: str, lora_dir: pathlib.Path):
         self.bed, self.lora_dir, self.config, self.client = bed, lora_dir, None, None
+        self.extensions: dict[str, str] = {}  # key → "FOLDER=PATH" of another extension a test links in
 
-    def ensure(self, config: str) -> "Client":
-        """config: "ours" (built-in Lora disabled), "both" (ours + built-in), "builtin" (built-in only), "sdxl" or
-        "sd2v" (ours, on tiny_checkpoints.py's SDXL or SD2 768-v checkpoint)."""
-        if config == self.config:
+    def ensure(self, config: str, checkpoint: str | None = None) -> "Client":
+        """A WebUI in one of ``CONFIGS``, with all settings at their defaults when it starts; ``checkpoint``: one of
+        TINY_KINDS to run it on instead of the configuration's own checkpoint; "CONFIG+KEY" links
+        ``extensions[KEY]`` in too."""
+        if (config, checkpoint) == self.config:
             return self.client
+        base, *extra = config.split("+")
+        ours, builtin, ckpt, more = CONFIGS[base]
         args = ["--port", "0", "--replace", "--reset-config"]
-        if config != "builtin":
+        if ours:
             args += ["--ext", f"sd-webui-lora={ROOT}"]
-        if config in ("ours", "sdxl", "sd2v"):
+        for key in extra:
+            args += ["--ext", self.extensions[key]]
+        if not builtin:
             args.append("--no-builtin-lora")
-        args += ["--", "--lora-dir", str(self.lora_dir)]
-        if config in ("sdxl", "sd2v"):
-            args += ["--ckpt", str(tiny_checkpoint(self.bed, config))]
-        out = subprocess.run([str(TB / "start.sh"), self.bed, *args], stdout=subprocess.PIPE, text=True, timeout=900)
+        args += ["--", "--lora-dir", str(self.lora_dir), *more]
+        ckpt = checkpoint or ckpt
+        if ckpt:
+            args += ["--ckpt", str(tiny_checkpoint(self.bed, ckpt))]
+        self.config = self.client = None  # start.sh --replace stops the running WebUI, whatever happens next
+        env = dict(os.environ)
+        if "--api-auth" in more:  # start.sh asks the API whether it is up with curl: give curl the credentials
+            curl_home = pathlib.Path(self.bed, "curl-auth")
+            curl_home.mkdir(exist_ok=True)
+            (curl_home / ".curlrc").write_text(f'user = "{":".join(AUTH)}"\n', encoding="utf8")
+            env["CURL_HOME"] = str(curl_home)
+        out = subprocess.run([str(TB / "start.sh"), self.bed, *args], stdout=subprocess.PIPE, text=True, timeout=900,
+                             env=env)
         if out.returncode != 0:
             log = pathlib.Path(self.bed, "webui.log")
             tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
             pytest.fail(f"WebUI did not start (exit {out.returncode}):\n{tail}")
-        self.config = config
-        self.client = Client(out.stdout.strip().splitlines()[-1], self.bed)
-        if config in ("sdxl", "sd2v"):  # the live-preview approximation model would be downloaded
+        self.config = (config, checkpoint)
+        self.client = Client(out.stdout.strip().splitlines()[-1], self.bed, auth=AUTH if base == "auth" else None)
+        if ckpt:  # the live-preview approximation model would be downloaded
             assert self.client.call("POST", "/sdapi/v1/options", {"live_previews_enable": False})[0] == 200
         return self.client
 
@@ -111,14 +154,19 @@ def webui(server):
 
 
 class Client:
-    def __init__(self, url: str, bed: str):
+    def __init__(self, url: str, bed: str, auth: tuple[str, str] | None = None):
         self.url = url
         self.bed = bed
+        self.auth = auth
 
-    def call(self, method: str, path: str, body=None, timeout: float = 600):
+    def call(self, method: str, path: str, body=None, timeout: float = 1800, auth: tuple[str, str] | None | bool = True):
+        """``auth``: True sends this client's credentials (if any), a pair sends those, None sends none."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        creds = self.auth if auth is True else auth or None
+        if creds:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(creds).encode()).decode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
@@ -183,6 +231,32 @@ def _serve_static(route, webui: pathlib.Path) -> None:
         route.fulfill(response=response)
         return
     route.fulfill(status=200, body=path.read_bytes(), content_type=mimetypes.guess_type(path.name)[0] or "text/plain")
+
+
+# ---- training ------------------------------------------------------------------------------------------
+def cat_dataset(root: pathlib.Path) -> pathlib.Path:
+    """``root/img/2_cat``: two 64 px images with captions, a kohya folder (2 repeats); returns ``root/img``."""
+    from PIL import Image, ImageDraw
+    folder = root / "img" / "2_cat"
+    folder.mkdir(parents=True)
+    for n in range(2):
+        im = Image.new("RGB", (64, 64), (250, 250, 250))
+        ImageDraw.Draw(im).ellipse([8, 8, 56, 56], fill=(40 + 150 * n, 200, 90))
+        im.save(folder / f"img{n}.png")
+        (folder / f"img{n}.txt").write_text(f"cat, color{n}")
+    return root / "img"
+
+
+def poll(read, until, timeout: float = 900, every: float = 0.3):
+    """``read()`` until ``until(value)``; the last value (a failure after ``timeout`` seconds names it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting after {timeout} s; last: {value!r}")
+        time.sleep(every)
 
 
 # ---- the Train LoRA tab's form --------------------------------------------------------------------------

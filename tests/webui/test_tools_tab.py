@@ -1,15 +1,21 @@
 """The LoRA Tools routes and tab in the real WebUI on the random SD1.5 checkpoint: resize, merge into one
 network, merge into a new checkpoint, extract from two checkpoints; each new file is listed and usable at once,
-and bad requests answer with a message without writing anything."""
+and bad requests answer with a message without writing anything. A tool is a job of the WebUI: its progress
+shows in /sdapi/v1/progress and the WebUI's progress bar, and Interrupt or the tab's Cancel stops it with no file
+written."""
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
+import threading
 
 import pytest
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page, open_webui_tab
+import lorafiles
+import models
+from conftest import ARTIFACTS, browser_page, open_webui_tab, poll
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,6 +26,18 @@ def remove_new_files(webui, lora_dir):
     for path in set(lora_dir.iterdir()) - before:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     webui.call("POST", "/sdapi/v1/refresh-loras")
+
+
+@pytest.fixture(scope="module")
+def big_network(webui, lora_dir) -> str:
+    """Rank 64 on SD1.5's attention layers (208 modules): resizing it takes long enough to watch and to stop,
+    in modest memory (the MLPs would double the deltas the resize holds)."""
+    sd15 = models.full_model("sd1", device="meta")
+    tensors = lorafiles.attention_lora(sd15, rank=64, seed=9)
+    lorafiles.save(lora_dir / "big_r64.safetensors", {k: t for k, t in tensors.items() if "_ff_" not in k
+                                                      and "_mlp_" not in k}, {"ss_network_module": "networks.lora"})
+    webui.call("POST", "/sdapi/v1/refresh-loras")
+    return "big_r64"
 
 
 def post(webui, route: str, body: dict) -> tuple[int, object]:
@@ -90,8 +108,59 @@ def test_tools_tab_resizes(webui, lora_dir):
         out.press("Tab")
         page.locator("#sdlora_tools_resize_go").click()
         page.wait_for_function("document.querySelector('#sdlora_tools_resize_result textarea').value.startsWith('Saved')",
-                               timeout=120_000)
+                               timeout=900_000)
         text = page.locator("#sdlora_tools_resize_result textarea").input_value()
         page.screenshot(path=str(ARTIFACTS / "tools_tab.png"), full_page=True)
     assert text.startswith(f"Saved {lora_dir / 'kohya_b_tab.safetensors'}: "), text
     assert lib_lora.load(str(lora_dir / "kohya_b_tab.safetensors")).rank == 3
+
+
+def test_resize_is_a_webui_job_and_interrupt_writes_nothing(webui, lora_dir, big_network):
+    before = sorted(p.name for p in lora_dir.iterdir())
+    modules = len(lib_lora.load(str(lora_dir / f"{big_network}.safetensors")).modules)
+    answer = {}
+    call = threading.Thread(target=lambda: answer.update(
+        r=post(webui, "resize", {"name": big_network, "rank": 8, "output": "big_r8"})))
+    call.start()
+    counts = []
+
+    def watched() -> dict:
+        p = webui.call("GET", "/sdapi/v1/progress?skip_current_image=true")[1]
+        if p["state"]["job"] == "sdlora_tools_resize":
+            counts.append(p["state"]["job_no"])
+        return p
+
+    p = poll(watched, lambda p: p["state"]["job"] == "sdlora_tools_resize" and p["state"]["job_no"] >= 3, timeout=300)
+    webui.call("POST", "/sdapi/v1/interrupt")
+    call.join(600)
+    assert p["state"]["job_count"] == modules and re.fullmatch(rf"Resizing {big_network}: \d+/{modules}", p["textinfo"])
+    assert counts == sorted(counts) and 0 < p["progress"] < 1 and p["eta_relative"] > 0
+    status, res = answer["r"]
+    assert status == 200 and res["cancelled"] and res["path"] is None, res
+    assert res["message"] == f"Resizing {big_network}: cancelled; nothing was written"
+    assert sorted(p.name for p in lora_dir.iterdir()) == before  # no file, no temp file
+    state = webui.call("GET", "/sdapi/v1/progress?skip_current_image=true")[1]["state"]
+    assert state["job"] == "" and not state["interrupted"]
+
+
+def test_tools_tab_shows_progress_and_cancels(webui, lora_dir, big_network):
+    before = sorted(p.name for p in lora_dir.iterdir())
+    with browser_page(webui) as page:
+        open_webui_tab(page, webui, "LoRA Tools", "#sdlora_tools_resize_go")
+        name = page.locator("#sdlora_tools_resize_name input")
+        name.fill(big_network)
+        name.press("Enter")
+        out = page.locator("#sdlora_tools_resize_output textarea")
+        out.fill("big_tab")
+        out.press("Tab")
+        page.locator("#sdlora_tools_resize_go").click()
+        bar = page.locator("#tab_sdlora_tools .progressDiv .progress")
+        bar.filter(has_text=re.compile(rf"Resizing {big_network}: [1-9]\d*/\d+ \d+% ETA: ")).wait_for(timeout=300_000)
+        page.screenshot(path=str(ARTIFACTS / "tools_tab_progress.png"))
+        page.locator("#sdlora_tools_resize_cancel").click()
+        cancelled = "document.querySelector('#sdlora_tools_resize_result textarea').value.includes('cancel')"
+        page.wait_for_function(cancelled, timeout=300_000)
+        text = page.locator("#sdlora_tools_resize_result textarea").input_value()
+        bar.wait_for(state="detached")
+    assert text == f"Resizing {big_network}: cancelled; nothing was written"
+    assert sorted(p.name for p in lora_dir.iterdir()) == before

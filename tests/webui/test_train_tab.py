@@ -1,6 +1,7 @@
 """The Train LoRA tab in the real WebUI, driven by headless Chromium: a 4-step run on the loaded random SD1.5
 checkpoint (64 px, rank 4), cancelled after step 2 and resumed to the end; a txt2img job sent meanwhile waits
-for the run and then gives exactly the image it gave before training. Screenshot in artifacts/."""
+for the run and then gives exactly the image it gave before training. The WebUI's progress bar and live preview
+(the newest sample) follow the run in the tab; the loss plot answers the mouse. Screenshots in artifacts/."""
 from __future__ import annotations
 
 import pathlib
@@ -8,11 +9,11 @@ import re
 import threading
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 import lib_lora
-from conftest import ARTIFACTS, browser_page, field, fill, open_train_tab, wait_status
+from conftest import ARTIFACTS, browser_page, cat_dataset, field, fill, open_train_tab, wait_status
 
 
 
@@ -26,13 +27,7 @@ def tab(webui):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("train_tab")
-    folder = root / "img" / "2_cat"
-    folder.mkdir(parents=True)
-    for n in range(2):
-        im = Image.new("RGB", (64, 64), (250, 250, 250))
-        ImageDraw.Draw(im).ellipse([8, 8, 56, 56], fill=(40 + 150 * n, 200, 90))
-        im.save(folder / f"img{n}.png")
-        (folder / f"img{n}.txt").write_text(f"cat, color{n}")
+    cat_dataset(root)
     return root
 
 
@@ -58,6 +53,10 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
                         "sample_prompts": "a cat --w 128 --d 5", "sample_steps": 2}.items():
         fill(tab, name, value)
     tab.locator("#sdlora_train_start").click()
+    bar = tab.locator("#sdlora_train_job .progressDiv .progress")
+    bar.filter(has_text=re.compile(r"Training tabcat: step 1/4, loss [\d.]+ \d+% ETA: ")).wait_for(timeout=600_000)
+    tab.locator("#sdlora_train_start").scroll_into_view_if_needed()
+    tab.screenshot(path=str(ARTIFACTS / "train_tab_progress.png"))
     assert re.search(r"epoch 1/1 loss [\d.]+ avg [\d.]+ lr \S+ [\d.]+ it/s ETA", wait_status(tab, r"^steps 1/4"))
 
     queued = {}
@@ -65,6 +64,10 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
     job.start()
     wait_status(tab, r"^(steps [2-4]/4|\[sampling\])")
     assert job.is_alive(), "a txt2img job ran while the run held the model"
+    preview = tab.locator("#sdlora_train_samples .livePreview img").first  # the step 2 sample, 128x64
+    preview.wait_for(timeout=600_000)
+    assert preview.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 64]
+    tab.screenshot(path=str(ARTIFACTS / "train_tab_preview.png"))
     tab.locator("#sdlora_train_cancel").click()
     text = wait_status(tab, "^(Finished|Cancelled)")
     cancelled = re.match(r"Cancelled at step ([23]): saved ", text)
@@ -90,7 +93,14 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
     for part in ("lora_te_", "lora_unet_"):  # zero at the start: gradients reached both through the WebUI's modules
         assert any(t.abs().sum() > 0 for k, t in ups.items() if k.startswith(part)), part
     assert f"resumed from {state} at step {step}" in field(tab, "log").input_value()
-    tab.wait_for_selector("#sdlora_train_plot img")
+    canvas = tab.locator("#sdlora_train_plot canvas")
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    tab.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.4)  # the nearest point's values
+    tip = tab.locator("#vg-tooltip-element")
+    tip.wait_for()
+    assert re.search(r"curve:\s+(training loss|moving average)\s+step:\s+[1-4]\s+loss:\s+[\d.]+", tip.inner_text()), \
+        tip.inner_text()
     assert tab.locator("#sdlora_train_samples img").count() >= 1  # samples at steps 2 and 4
     samples = sorted(p.name for p in (out / "sample").glob("tabcat_*.png"))
     assert samples == ["tabcat_000002_00.png", "tabcat_000004_00.png"]
@@ -98,5 +108,4 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
 
     again, _ = webui.txt2img("a cat", seed=3)
     assert again == plain, "the model is not as it was before training"
-    tab.locator("#sdlora_train_start").scroll_into_view_if_needed()
     tab.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)

@@ -40,7 +40,7 @@ def parse_prompts(prompts):
     for prompt in prompts:
         found = defaultdict(list)
 
-        def take(m):
+        def take(m, found=found):
             found[m.group(1)].append(ExtraNetworkParams(items=m.group(2).split(":")))
             return ""
 

@@ -8,22 +8,23 @@ from .network import Network, load
 from .safetensors_io import Limits
 
 
-def summary(net: Network, hashes: dict[str, str] | None = None) -> dict:
+def network_summary(net: Network, hashes: dict[str, str] | None = None) -> dict:
     return {
         "name": net.name,
         "file": net.path,
         "format": net.format,
         "base_model": net.base_model,
-        "kinds": net.kinds,
+        "kinds": net.kind_counts,
         "modules": len(net.modules),
         "rank": net.rank,
         "alpha": net.alpha,
         "unmatched": len(net.unmatched),
+        "embeddings": sorted(net.embeddings),
         "metadata": net.metadata,
         "hashes": hashes if hashes is not None else file_hashes(net.path),
         "size": net.size or (os.path.getsize(net.path) if os.path.exists(net.path) else 0),
     }
 
 
-def inspect_file(path: str, limits: Limits = Limits()) -> dict:
-    return summary(load(path, limits=limits))
+def file_summary(path: str, limits: Limits = Limits()) -> dict:
+    return network_summary(load(path, limits=limits))
