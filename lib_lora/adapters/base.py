@@ -34,7 +34,8 @@ class Adapter:
     reads_weight: ClassVar[bool] = False  # the weight change depends on the original weight's values, not just its shape
     common: ClassVar[tuple[str, ...]] = ("alpha", "scale", "dora_scale", "lora_magnitude_vector")
     trainable: ClassVar[type[TrainableAdapter] | None] = None
-    train_options: ClassVar[tuple[str, ...]] = ()  # TrainConfig options the trainable form takes, by their names
+    # TrainConfig options the trainable form takes → their key in kohya's network_args
+    train_options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, key: str, w: dict[str, Tensor]):
         self.key = key

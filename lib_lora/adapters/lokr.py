@@ -66,7 +66,7 @@ class LoKr(Adapter):
     labels = {"lokr": "LoKr"}
     optional = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     trainable = LoKrTrainable
-    train_options = ("lokr_factor",)
+    train_options = {"lokr_factor": "factor"}
 
     def __init__(self, key: str, w: dict[str, Tensor]):
         super().__init__(key, w)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .. import toml_reader
-from ..adapters import TRAINABLE_KINDS
+from ..adapters import TRAINABLE_KINDS, train_labels
 from ..errors import LoraError
 from .kohya_options import COMMAND, KOHYA_FLAGS, NOT_HERE, RESHAPED, translate
 
@@ -105,7 +105,8 @@ class TrainConfig:
                                         "dataset_config <output_dir>/.latent_cache)")
     vae_batch_size: int = _opt(1, "images per VAE call while caching")
     # --- network ------------------------------------------------------------------------------
-    network_algo: str = _opt("lora", "lora (kohya networks.lora), loha or lokr (LyCORIS)", ALGOS)
+    network_algo: str = _opt("lora", f"{', '.join(ALGOS)}: lora is kohya's networks.lora, the others LyCORIS' kinds",
+                              ALGOS)
     network_dim: int = _opt(4, "rank")
     network_alpha: float = _opt(1.0, "alpha; the update is scaled by alpha/rank")
     network_dropout: float | None = _opt(None, "dropout on the rank dimension while training")
@@ -290,8 +291,10 @@ class TrainConfig:
         if self.conv_dim is not None:
             args["conv_dim"] = str(self.conv_dim)
             args["conv_alpha"] = str(self.effective_conv_alpha)
-        if self.network_algo == "lokr" and self.lokr_factor != -1:
-            args["factor"] = str(self.lokr_factor)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for option, key in TRAINABLE_KINDS[self.network_algo].train_options.items():
+            if getattr(self, option) != defaults[option]:
+                args[key] = str(getattr(self, option))
         return args
 
     # --- loading ------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per option (kohya's underscore name, a dashed alias too), and every other option of kohya's
     train_network.py; only flags given override the config files."""
     parser = argparse.ArgumentParser(prog="python -m lib_lora.train", argument_default=argparse.SUPPRESS,
-                                     description="Train a LoRA/LoHa/LoKr network, kohya-style.")
+                                     description=f"Train a {'/'.join(train_labels())} network, kohya-style.")
     parser.add_argument("--config", help="TOML file of options (flags given here override it; unknown keys are refused)")
     parser.add_argument("--config_file", help="kohya sd-scripts / kohya_ss run TOML (flags given here override it; "
                         "keys train_network.py does not know are noted and ignored)")
@@ -441,7 +444,8 @@ def dumps(config: TrainConfig) -> str:
 
 
 # --- kohya-compatible files -----------------------------------------------------------------------------
-OURS_ONLY = ("model_factory", "webui", "latent_cache_dir", "network_algo", "conv_dim", "conv_alpha", "lokr_factor")
+OURS_ONLY = ("model_factory", "webui", "latent_cache_dir", "network_algo", "conv_dim", "conv_alpha",
+             *(option for cls in TRAINABLE_KINDS.values() for option in cls.train_options))
 
 
 def kohya_values(config: TrainConfig) -> dict:

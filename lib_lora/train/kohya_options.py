@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 
+from ..adapters import TRAINABLE_KINDS, train_labels
 from ..errors import LoraError
 
 # option → (the value meaning "off", what it would do that this trainer does not); a note is given only for
@@ -78,10 +79,11 @@ RESHAPED = ("network_module", "network_args", "caption_extention", "use_8bit_ada
 KOHYA_FLAGS = ("use_8bit_adam", "use_lion_optimizer", "no_half_vae")  # flags whose "off" is not False above
 # options of the command line itself
 COMMAND = ("config_file", "output_config")
-NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": None, "networks.loha": "loha", "networks.lokr": "lokr"}
-ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
-NETWORK_ARGS = {"algo": "network_algo", "conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "factor": "lokr_factor",
-                "dropout": "network_dropout"}
+# network_module → network_algo (LyCORIS' module takes the kind from network_args' algo)
+NETWORK_MODULES = {**{f"networks.{kind}": kind for kind in TRAINABLE_KINDS}, "lycoris.kohya": None}
+ALGOS = {label.lower(): kind for label, kind in train_labels().items()}  # algo= in network_args → network_algo
+NETWORK_ARGS = {"algo": "network_algo", "conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "dropout": "network_dropout",
+                **{key: option for cls in TRAINABLE_KINDS.values() for option, key in cls.train_options.items()}}
 OFF_VALUES = ("", "0", "0.0", "false", "none", "full")  # LyCORIS network_args that change nothing
 
 
@@ -158,7 +160,7 @@ def _network(values: dict, source: str | None, notes: list[str]) -> None:
             raise LoraError(source, f"network_args entry {arg!r} is not key=value", "e.g. conv_dim=4")
         if key == "algo":
             if value.lower() not in ALGOS:
-                raise LoraError(source, f"network_args algo={value} is not trained here", "use lora, locon, loha or lokr")
+                raise LoraError(source, f"network_args algo={value} is not trained here", f"use one of {', '.join(ALGOS)}")
             value = ALGOS[value.lower()]
         if key in NETWORK_ARGS:
             values[NETWORK_ARGS[key]] = value
