@@ -61,8 +61,9 @@ def test_functional_method_is_the_bypass_mode(server):
         set_options(client, lora_functional=False)
 
 
-def test_not_found_warning_in_console(webui):
+def test_not_found_warning_in_console(server):
     """The log always has the message; the setting adds the built-in's console line."""
+    webui = server.ensure("ours")  # not the module's `webui` fixture: the test above restarted the WebUI as "both"
     webui.txt2img("a cat <lora:not_here_quiet:1>")
     set_options(webui, lora_not_found_warning_console=True)
     try:

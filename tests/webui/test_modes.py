@@ -40,7 +40,8 @@ def check_networks_apply_stack_and_restore(client) -> None:
 def fp8(server):
     client = server.ensure("fp8")
     yield client
-    set_options(client, fp8_storage="Disable", cache_fp16_weight=False, sdlora_apply_mode="auto")
+    if server.client is client:  # the auth tests below restart the WebUI in another configuration
+        set_options(client, fp8_storage="Disable", cache_fp16_weight=False, sdlora_apply_mode="auto")
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["fp8", "fp8+fp16cache"])
