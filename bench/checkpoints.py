@@ -24,18 +24,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 JOB = r"""
 import json, os, sys
 job, ckpt, out, lora, root = sys.argv[1:6]
-sys.path[:0] = [root, root + "/tests"]
+sys.path[:0] = [root, root + "/tests", root + "/bench"]
 import torch
+from machine import proc_status
 torch.set_num_threads(2)
 
 
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-
-base = peak()
+base = proc_status("VmHWM")
 if job == "load":
     from lib_lora.tools import read_checkpoint
     tensors, _ = read_checkpoint(ckpt)
@@ -66,7 +61,7 @@ elif job == "extract (library)":
     from lib_lora.tools import RankRule, as_modules, extract
     trees = [as_modules(load_file(p)) for p in (ckpt, out)]
     extract(trees[0], trees[1], RankRule(8, 0), 1e-4)
-print(json.dumps({"start": base, "peak": peak()}))
+print(json.dumps({"start": base, "peak": proc_status("VmHWM")}))
 """
 
 

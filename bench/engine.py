@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine import cpu_model, loadavg  # noqa: E402
+from machine import cpu_model, loadavg, proc_status, reset_peak  # noqa: E402
 import torch  # noqa: E402
 
 T0 = time.perf_counter()
@@ -55,19 +55,11 @@ def log(msg: str) -> None:
 
 # ---- helpers --------------------------------------------------------------------------------
 def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status("VmRSS")
 
 
 def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status("VmHWM")
 
 
 try:
@@ -92,8 +84,8 @@ PROCESS_PEAK = [0]  # VmHWM before each reset: the process's own peak is the lar
 def reset_peak_rss() -> None:
     """Make VmHWM start again from the current resident memory (Linux: ``clear_refs`` 5)."""
     PROCESS_PEAK[0] = max(PROCESS_PEAK[0], peak_rss())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not reset_peak():
+        raise OSError("VmHWM cannot be reset here (/proc/self/clear_refs)")
 
 
 def measure_memory(fn, device: torch.device) -> dict[str, int]:

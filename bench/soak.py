@@ -19,13 +19,11 @@ import models  # noqa: E402
 from lib_lora.activation import Activator, Settings  # noqa: E402
 from lib_lora.catalog import Catalog  # noqa: E402
 from lib_lora.prompt import parse_prompt  # noqa: E402
+from machine import proc_status  # noqa: E402
 
 
 def rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status("VmRSS") / 2 ** 20
 
 
 def main(jobs: int = 200, networks: int = 20, cache_limit: int = 4) -> int:

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine import cpu_model, loadavg  # noqa: E402
+from machine import cpu_model, loadavg, proc_status, reset_peak  # noqa: E402
 import torch  # noqa: E402
 
 T0 = time.perf_counter()
@@ -82,26 +82,6 @@ CONTEXT_LENGTH, VOCAB, CONTEXT_DIM = 77, 1000, 768
 
 def log(msg: str) -> None:
     print(f"[{time.time() - EPOCH:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- machine ----------------------------------------------------------------------------------
-def status(field: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def mb(n: float) -> str:
@@ -274,15 +254,15 @@ def child_ours(work: Path, setup: dict, variant: str, out: dict) -> None:
         stamps.append(time.perf_counter())
         losses.append(p.loss)
         if p.step == total:
-            out["train_hwm"] = status("VmHWM")
+            out["train_hwm"] = proc_status("VmHWM")
             out["modules"] = len(trainer.network.loras)
             out["trainable"] = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         if p.step % 5 == 0 or p.step == total:
             log(f"  [{variant}] step {p.step}/{total} loss {p.loss:.4f}")
 
-    out["setup_hwm"] = status("VmHWM")
+    out["setup_hwm"] = proc_status("VmHWM")
     out["peak_reset"] = reset_peak()
-    out["rss0"] = status("VmRSS")
+    out["rss0"] = proc_status("VmRSS")
     out["start"] = time.perf_counter()
     trainer.run(progress)
     w = setup["warmup"]
@@ -307,9 +287,9 @@ def child_ref(work: Path, setup: dict, out: dict) -> None:
     unet.requires_grad_(False)
     total = setup["warmup"] + setup["steps"]
 
-    out["setup_hwm"] = status("VmHWM")
+    out["setup_hwm"] = proc_status("VmHWM")
     out["peak_reset"] = reset_peak()
-    out["rss0"] = status("VmRSS")
+    out["rss0"] = proc_status("VmRSS")
     t_start = time.perf_counter()
     torch.manual_seed(setup["seed"])
     unet.add_adapter(LoraConfig(r=setup["rank"], lora_alpha=setup["rank"], init_lora_weights="gaussian",
@@ -365,7 +345,7 @@ def child_ref(work: Path, setup: dict, out: dict) -> None:
                 out["first_step_at"] = time.perf_counter() - t_start
             if step % 5 == 0 or step == total:
                 log(f"  [ref] step {step}/{total} loss {value:.4f}")
-    out["train_hwm"] = status("VmHWM")
+    out["train_hwm"] = proc_status("VmHWM")
     w = setup["warmup"]
     out["step_times"] = times[w:]
     out["losses"] = losses[w:]
@@ -394,9 +374,9 @@ def child_ckpt_ours(work: Path, setup: dict, out: dict) -> None:
                       mixed_precision="no", save_state=False, sdpa=True, output_dir=str(work / f"out-ours-{os.getpid()}"),
                       output_name="bench")
     bundle = load_checkpoint(cfg, log=lambda m: log(f"  [ours] {m}"))
-    out["setup_hwm"] = status("VmHWM")
+    out["setup_hwm"] = proc_status("VmHWM")
     out["peak_reset"] = reset_peak()
-    out["rss0"] = status("VmRSS")
+    out["rss0"] = proc_status("VmRSS")
     trainer = Trainer(cfg, bundle, log_fn=lambda m: log(f"  [ours] {m}"))
     stamps: list[float] = []
 
@@ -405,7 +385,7 @@ def child_ckpt_ours(work: Path, setup: dict, out: dict) -> None:
             return
         stamps.append(time.perf_counter())
         if p.step == total:
-            out["train_hwm"] = status("VmHWM")
+            out["train_hwm"] = proc_status("VmHWM")
             out["modules"] = len(trainer.network.loras)
         if p.step % 4 == 0 or p.step == total:
             log(f"  [ours] step {p.step}/{total} loss {p.loss:.4f}")
@@ -427,9 +407,9 @@ def child_ckpt_kohya(work: Path, setup: dict, out: dict) -> None:
 
     def load_and_reset(*a, **kw):
         models = load(*a, **kw)
-        out["setup_hwm"] = status("VmHWM")
+        out["setup_hwm"] = proc_status("VmHWM")
         out["peak_reset"] = reset_peak()
-        out["rss0"] = status("VmRSS")
+        out["rss0"] = proc_status("VmRSS")
         return models
 
     train_util.load_target_model = load_and_reset
@@ -439,7 +419,7 @@ def child_ckpt_kohya(work: Path, setup: dict, out: dict) -> None:
         def update(self, n=1):
             stamps.append(time.perf_counter())
             if len(stamps) == total:
-                out["train_hwm"] = status("VmHWM")
+                out["train_hwm"] = proc_status("VmHWM")
             return super().update(n)
 
     train_network.tqdm = Timed
