@@ -55,11 +55,11 @@ def civitai_family(label: str) -> str | None:
     return None
 
 
-def read_civitai(network_path: str) -> tuple[Civitai, str | None]:
+def read_civitai(network_path: str, exists: Callable[[str], bool] = os.path.isfile) -> tuple[Civitai, str | None]:
     """``name.civitai.info`` beside the file (as model-site downloaders save it); (empty, reason) when
-    it is missing or unreadable, never an exception."""
+    it is missing or unreadable, never an exception. ``exists``: the card page's cached folder listing."""
     path = os.path.splitext(network_path)[0] + ".civitai.info"
-    if not os.path.isfile(path):
+    if not exists(path):
         return Civitai(), None
     try:
         if os.path.getsize(path) > MAX_INFO_BYTES:

@@ -18,8 +18,8 @@ from . import hashes, sidecar
 from .errors import LoraError
 from .network import Network, load
 from .prompt import PromptError, check_name
-from .safetensors_io import SUFFIXES, Limits, read_header
-from .structure import Structure, structure_from_header
+from .safetensors_io import SUFFIXES, Limits, gc_paused, read_header, read_listing
+from .structure import Structure, structure_of
 
 log = logging.getLogger("sd-webui-lora")
 HASH_DIGITS = 10  # the shortest hash prefix a name may give (Civitai's AutoV2 length)
@@ -81,6 +81,28 @@ class Catalog:
 
     # ---- scanning -------------------------------------------------------------------------
     def refresh(self) -> None:
+        with gc_paused():  # each new file's header and structure: see gc_paused
+            found = self._scan()
+        by_name: dict[str, list[Entry]] = {}
+        by_alias: dict[str, list[Entry]] = {}
+        for entry in found.values():
+            by_name.setdefault(entry.name, []).append(entry)
+            by_alias.setdefault(entry.alias, []).append(entry)
+        for entry in found.values():
+            entry.hash = entry.metadata.get("sshs_model_hash") or self._cached_hash(entry, by_name)
+        if self.caches_written is not None:
+            self.caches_written()
+        with self._lock:
+            self.entries, self._by_name, self._by_alias = found, by_name, by_alias
+            self._by_hash = {}
+            for entry in found.values():
+                if entry.hash:
+                    self._index_hash(entry)
+            for key in [k for k in self._loaded if k not in found or found[k].mtime != self._loaded[k].mtime]:
+                del self._loaded[key]
+
+    def _scan(self) -> dict[str, Entry]:
+        """Every network file under the roots by relative path (the first root wins), with its facts."""
         found: dict[str, Entry] = {}
         for root in self.roots:
             if not os.path.isdir(root):
@@ -102,23 +124,7 @@ class Catalog:
                     entry = Entry(os.path.splitext(fn)[0], rel, path, root, st.st_mtime, st.st_size)
                     self._read_facts(entry)
                     found[rel] = entry
-        by_name: dict[str, list[Entry]] = {}
-        by_alias: dict[str, list[Entry]] = {}
-        for entry in found.values():
-            by_name.setdefault(entry.name, []).append(entry)
-            by_alias.setdefault(entry.alias, []).append(entry)
-        for entry in found.values():
-            entry.hash = entry.metadata.get("sshs_model_hash") or self._cached_hash(entry, by_name)
-        if self.caches_written is not None:
-            self.caches_written()
-        with self._lock:
-            self.entries, self._by_name, self._by_alias = found, by_name, by_alias
-            self._by_hash = {}
-            for entry in found.values():
-                if entry.hash:
-                    self._index_hash(entry)
-            for key in [k for k in self._loaded if k not in found or found[k].mtime != self._loaded[k].mtime]:
-                del self._loaded[key]
+        return found
 
     def _read_facts(self, entry: Entry) -> None:
         """Metadata, header problem and structure of the file's current version, from ``file_cache`` or its header."""
@@ -133,11 +139,19 @@ class Catalog:
             return
         if entry.path.lower().endswith(".safetensors"):
             try:
-                header = read_header(entry.path, self.limits)
+                shapes, metadata = read_listing(entry.path, self.limits)
+                try:
+                    structure = structure_of(shapes, metadata)
+                except (TypeError, ValueError, KeyError, IndexError):  # an entry read_listing leaves unchecked
+                    read_header(entry.path, self.limits)  # raises, naming it
+                    raise
             except LoraError as e:
                 entry.metadata_error, entry.structure = e.message, Structure(error=e.reason)
             else:
-                entry.metadata, entry.structure = header.metadata, structure_from_header(header)
+                entry.metadata, entry.structure = metadata, structure
+        self._remember_facts(entry)
+
+    def _remember_facts(self, entry: Entry) -> None:
         try:
             self.file_cache[entry.path] = {"mtime": entry.mtime, "size": entry.size, "max_file_bytes": self.limits.max_file_bytes,
                                            "metadata": entry.metadata, "error": entry.metadata_error,
@@ -266,7 +280,13 @@ class Catalog:
             if net is not None and net.mtime == mtime:
                 self._loaded.move_to_end(entry.relpath)
                 return net
-        net = load(entry.path, name=entry.name, limits=self.limits)
+        try:
+            net = load(entry.path, name=entry.name, limits=self.limits)
+        except LoraError as e:
+            if e.file == entry.path and mtime == entry.mtime:  # what the listing did not check: on the card from now on
+                entry.metadata_error, entry.structure = e.message, Structure(error=e.reason)
+                self._remember_facts(entry)
+            raise
         with self._lock:
             self._loaded[entry.relpath] = net
             self._loaded.move_to_end(entry.relpath)

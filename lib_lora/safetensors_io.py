@@ -6,11 +6,14 @@ the file and not overlapping) before any tensor byte is touched; pickled formats
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,8 +64,51 @@ class Header:
     data_start: int
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cycle collector held off: a header's JSON makes thousands of small containers, none in a cycle,
+    and the collections they trigger (each also walking the older objects, the whole WebUI's in the end) cost
+    two to three times the parse itself. Freed by reference counting as usual meanwhile."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def read_header(path: str, limits: Limits = Limits()) -> Header:
     """Parse and validate a safetensors header; raise LoraError naming the first thing wrong."""
+    with gc_paused():
+        doc, metadata, data_start, data_len = _read_json(path, limits)
+        tensors: dict[str, TensorInfo] = {}
+        for key, entry in doc.items():
+            tensors[key] = _tensor_info(path, key, entry, data_len)
+        spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
+        for (b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
+            if b2 < e1:
+                raise LoraError(path, f"tensors {k1!r} and {k2!r} overlap in the file", "the file is corrupt")
+        return Header(tensors, metadata, data_start)
+
+
+def read_listing(path: str, limits: Limits = Limits()) -> tuple[dict[str, list], dict[str, str]]:
+    """Each tensor's shape as the header gives it, and ``__metadata__``: what a library listing needs. The size, JSON
+    and metadata are checked as in ``read_header``; each tensor's entry only when the file is loaded, since those
+    checks cost more than the rest of listing a file, and a library's thousands of headers are read at start-up.
+    A shape may be anything JSON holds here."""
+    with gc_paused():
+        doc, metadata, _data_start, _data_len = _read_json(path, limits)
+        try:
+            return {key: entry["shape"] for key, entry in doc.items()}, metadata
+        except (TypeError, KeyError):
+            header = read_header(path, limits)  # names what is wrong
+            return {key: list(t.shape) for key, t in header.tensors.items()}, header.metadata
+
+
+def _read_json(path: str, limits: Limits) -> tuple[dict, dict[str, str], int, int]:
+    """The header's JSON object without ``__metadata__``, the metadata, where the data starts and its length."""
     size = _file_size(path, limits)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -87,19 +133,12 @@ def read_header(path: str, limits: Limits = Limits()) -> Header:
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise LoraError(path, "__metadata__ is not a map of strings", "the file is corrupt")
-    tensors: dict[str, TensorInfo] = {}
-    for key, entry in doc.items():
-        tensors[key] = _tensor_info(path, key, entry, data_len)
-    spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
-    for (b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
-        if b2 < e1:
-            raise LoraError(path, f"tensors {k1!r} and {k2!r} overlap in the file", "the file is corrupt")
-    return Header(tensors, dict(metadata), 8 + n)
+    return doc, dict(metadata), 8 + n, data_len
 
 
 def _tensor_info(path: str, key: str, entry: object, data_len: int) -> TensorInfo:
-    """One header entry, checked; the common valid case in one expression (headers have hundreds of entries, and
-    a library's headers are all read at start-up), the checks one by one only to name what is wrong."""
+    """One header entry, checked; the common valid case in one expression (a header has hundreds of entries), the
+    checks one by one only to name what is wrong."""
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         if (type(shape) is list and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len

@@ -23,10 +23,11 @@ def sidecar_path(network_path: str) -> str:
     return os.path.splitext(network_path)[0] + ".json"
 
 
-def read(network_path: str) -> dict:
-    """The sidecar's contents ({} when there is none); LoraError when it is corrupt."""
+def read(network_path: str, exists: Callable[[str], bool] = os.path.exists) -> dict:
+    """The sidecar's contents ({} when there is none); LoraError when it is corrupt. ``exists``: the card page's
+    cached folder listing (a stat per card costs more than the rest of a card)."""
     path = sidecar_path(network_path)
-    if not os.path.exists(path):
+    if not exists(path):
         return {}
     try:
         with open(path, encoding="utf8") as f:
@@ -49,9 +50,9 @@ def preferred_weight(user: dict) -> float:
     return value if math.isfinite(value) and abs(value) <= MAX_WEIGHT else 0.0
 
 
-def read_or_empty(network_path: str) -> tuple[dict, str | None]:
+def read_or_empty(network_path: str, exists: Callable[[str], bool] = os.path.exists) -> tuple[dict, str | None]:
     try:
-        return read(network_path), None
+        return read(network_path, exists), None
     except LoraError as e:
         return {}, e.message
 

@@ -8,6 +8,7 @@ import hashlib
 import marshal
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +16,6 @@ import torch
 from .adapters import Adapter, UnusableModule, count_shown_kinds, kind_label, make_adapter
 from .keymap import FAMILY_METADATA, detect_family
 from .network import KeyLayout
-from .safetensors_io import Header
 
 LARGE_RANK = 32
 
@@ -55,17 +55,17 @@ _makes: OrderedDict[bytes, Structure] = OrderedDict()
 _makes_lock = threading.Lock()
 
 
-def structure_from_header(header: Header) -> Structure:
-    """The header's structure; computed once per make (tensor names and shapes, and the metadata the base model
-    may be read from), which a library's files share: thousands of files come from a few trainer settings."""
-    make = hashlib.blake2b(marshal.dumps(([(key, info.shape) for key, info in header.tensors.items()],
-                                           [header.metadata.get(k) for k in FAMILY_METADATA])), digest_size=16).digest()
+def structure_of(shapes: dict[str, Sequence[int]], metadata: dict[str, str]) -> Structure:
+    """The structure of a file with these tensor shapes and metadata (``read_listing``); computed once per make
+    (tensor names and shapes, and the metadata the base model may be read from), which a library's files share:
+    thousands of files come from a few trainer settings."""
+    make = hashlib.blake2b(marshal.dumps((shapes, [metadata.get(k) for k in FAMILY_METADATA])), digest_size=16).digest()
     with _makes_lock:
         known = _makes.get(make)
         if known is not None:
             _makes.move_to_end(make)
             return known
-    known = _structure(header)
+    known = _structure(shapes, metadata)
     with _makes_lock:
         _makes[make] = known
         if len(_makes) > MAKES_KEPT:
@@ -73,21 +73,21 @@ def structure_from_header(header: Header) -> Structure:
     return known
 
 
-def _structure(header: Header) -> Structure:
-    """The header's keys in modules, named by the adapter kinds on meta tensors. Modules of the same make-up
+def _structure(shapes: dict[str, Sequence[int]], metadata: dict[str, str]) -> Structure:
+    """The file's keys in modules, named by the adapter kinds on meta tensors. Modules of the same make-up
     (tensor names and shapes) are named once: a file has hundreds of modules, few makes."""
-    layout = KeyLayout.of(header.tensors)
+    layout = KeyLayout.of(shapes)
     named: dict[tuple, Adapter | None] = {}
     adapters = []
     for keys in layout.modules.values():
         # alpha is left out: a scalar whose value the adapters would read
-        make = tuple(sorted((param, tuple(header.tensors[key].shape)) for param, key in keys.items() if param != "alpha"))
+        make = tuple(sorted((param, tuple(shapes[key])) for param, key in keys.items() if param != "alpha"))
         if make not in named:
             named[make] = _adapter(make)
         if named[make] is not None:
             adapters.append(named[make])
     ranks = Counter(a.rank for a in adapters if a.rank and not a.rank_is_block_size)
-    family = detect_family(layout.split, {k: header.tensors[k].shape for k in layout.split}, header.metadata)
+    family = detect_family(layout.split, {k: tuple(shapes[k]) for k in layout.split}, metadata)
     kinds = count_shown_kinds(adapters)
     return Structure(kinds, ranks.most_common(1)[0][0] if ranks else None, family,
                      any(a.magnitude is not None for a in adapters), None if kinds else "no network modules recognised")

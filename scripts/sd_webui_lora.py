@@ -10,10 +10,15 @@ from modules import scripts  # noqa: E402
 
 from lib_lora.webui import glue, page, tools_tab, train_tab  # noqa: E402
 
-glue.install_callbacks()
-page.install_callbacks()
-train_tab.install_callbacks()
-tools_tab.install_callbacks()
+glue.install_callbacks({
+    "before_ui": [page.register_page],
+    "before_component": [page.drop_builtin_page],
+    "app_started": [page.add_routes, train_tab.on_app_started, tools_tab.on_app_started],
+    "ui_tabs": [train_tab.on_ui_tabs, tools_tab.on_ui_tabs],
+})
+# The Lora folders are scanned now, while the WebUI loads its scripts (as the built-in Lora does), not in the UI's
+# callbacks, which run beside the thread that loads the model and would slow each other down.
+glue.state()
 
 
 class Script(scripts.Script):

@@ -119,9 +119,9 @@ def test_headers_are_read_once_per_file_version(folder, monkeypatch):
     facts = {rel: (e.metadata, e.structure) for rel, e in first.entries.items()}
     assert facts["kohya"][0] == {"sshs_model_hash": "f" * 64} and facts["kohya"][1].kind == "LoCon"
 
-    real = lib_lora.catalog.read_header
+    real = lib_lora.catalog.read_listing
     read = []
-    monkeypatch.setattr(lib_lora.catalog, "read_header", lambda path, limits: read.append(path) or real(path, limits))
+    monkeypatch.setattr(lib_lora.catalog, "read_listing", lambda path, limits: read.append(path) or real(path, limits))
     again = Catalog([str(folder)], file_cache=kept)  # a restart with the WebUI's cache
     again.refresh()
     assert read == [] and {rel: (e.metadata, e.structure) for rel, e in again.entries.items()} == facts
@@ -144,10 +144,43 @@ def test_files_of_one_make_share_one_structure(tmp_path, monkeypatch):
     real = lib_lora.structure._structure
     worked = []
     monkeypatch.setattr(lib_lora.structure, "_makes", type(lib_lora.structure._makes)())
-    monkeypatch.setattr(lib_lora.structure, "_structure", lambda header: worked.append(header) or real(header))
+    monkeypatch.setattr(lib_lora.structure, "_structure", lambda shapes, metadata: worked.append(shapes) or real(shapes, metadata))
     catalog = Catalog([str(tmp_path)])
     catalog.refresh()
     assert len(worked) == 3
     s = {rel: e.structure for rel, e in catalog.entries.items()}
     assert s["a"] == s["b"] == s["c"] and (s["a"].rank, s["rank3"].rank) == (2, 3)
     assert s["a"].base_model is None and s["xl"].base_model == "sdxl"
+
+
+def test_listing_leaves_tensor_checks_to_the_first_use(tmp_path):
+    """A scan checks a header's size, JSON and metadata; each tensor's entry is checked when the file is loaded,
+    and a problem found then is on the card from then on, also after a restart."""
+    import json
+    import struct
+
+    from lib_lora import LoraError
+
+    def write(name, doc, data=b""):
+        raw = json.dumps(doc).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+    up = {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]}
+    write("overlap.safetensors", {"lora_unet_out_2.lora_up.weight": up, "lora_unet_out_2.lora_down.weight":
+                                  {"dtype": "F32", "shape": [2, 4], "data_offsets": [16, 48]}}, b"\0" * 48)
+    write("shapeless.safetensors", {"lora_unet_out_2.lora_up.weight": up, "lora_unet_out_2.lora_down.weight":
+                                    {"dtype": "F32", "shape": "2x4", "data_offsets": [32, 64]}}, b"\0" * 64)
+    write("no_shape.safetensors", {"lora_unet_out_2.lora_up.weight": {"dtype": "F32", "data_offsets": [0, 32]}}, b"\0" * 32)
+    kept = {}
+    catalog = Catalog([str(tmp_path)], file_cache=kept)
+    catalog.refresh()
+    entries = catalog.entries
+    assert entries["overlap"].metadata_error is None and entries["overlap"].structure.kind == "LoRA"
+    assert "invalid shape" in entries["shapeless"].metadata_error and "shapeless.safetensors" in entries["shapeless"].metadata_error
+    assert "invalid shape" in entries["no_shape"].metadata_error
+    with pytest.raises(LoraError, match="overlap in the file"):
+        catalog.load(entries["overlap"])
+    assert "overlap in the file" in entries["overlap"].metadata_error and entries["overlap"].structure.kind is None
+    restarted = Catalog([str(tmp_path)], file_cache=kept)
+    restarted.refresh()
+    assert restarted.entries["overlap"].metadata_error == entries["overlap"].metadata_error

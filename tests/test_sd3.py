@@ -16,8 +16,8 @@ from lib_lora import cards
 from lib_lora.keymap import family_mismatch, split_key, target_for
 from lib_lora.model_index import ModelIndex
 from lib_lora.network import HalvesSwapped
-from lib_lora.safetensors_io import read_header
-from lib_lora.structure import structure_from_header
+from lib_lora.safetensors_io import read_listing
+from lib_lora.structure import structure_of
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_diffusers_file_reaches_every_mmdit_layer(sd3, diffusers_file):
     qkv = {(hit[0], hit[2]) for hit in resolved.values() if hit[2]}
     assert ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv", "k") in qkv
     assert len(qkv) == 2 * 2 * 3  # both streams of both blocks (the last block's context stream stops after q/k/v)
-    assert structure_from_header(read_header(str(path))).base_model == "sd3"
+    assert structure_of(*read_listing(str(path))).base_model == "sd3"
     swapped = {t.path for t, a in net.modules.items() if isinstance(a, HalvesSwapped)}
     assert swapped == {"final_layer_adaLN_modulation_1", "joint_blocks_0_context_block_adaLN_modulation_1",
                        "joint_blocks_1_context_block_adaLN_modulation_1"}
@@ -222,7 +222,7 @@ def test_networks_of_other_families_are_refused_on_sd3(sd3):
 # ---- cards -------------------------------------------------------------------------------------------------
 def test_cards_know_sd3(sd3, tmp_path):
     kohya = lorafiles.save(tmp_path / "k.safetensors", S.kohya_sd3_lora(sd3, rank=2))
-    struct = structure_from_header(read_header(kohya))
+    struct = structure_of(*read_listing(kohya))
     assert struct.base_model == "sd3" and struct.kind == "LoCon" and struct.rank == 2  # LoCon: x_embedder's conv
     assert cards.VERSION_OF["sd3"] == "SD3" and cards.base_model({"sd version": "SD3"}, "sdxl", cards.Civitai()) == "sd3"
     assert [cards.civitai_family(x) for x in ("SD 3", "SD 3.5 Large", "SD 3.5 Medium")] == ["sd3"] * 3

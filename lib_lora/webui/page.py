@@ -17,7 +17,7 @@ import gradio as gr
 from fastapi import HTTPException
 from pydantic import BaseModel
 
-from modules import (call_queue, images, infotext_utils, processing, script_callbacks, scripts, sd_models,
+from modules import (call_queue, images, infotext_utils, processing, scripts, sd_models,
                      sd_samplers, shared, sysinfo, ui_extra_networks)
 from modules.ui_extra_networks_user_metadata import UserMetadataEditor
 
@@ -70,7 +70,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         entry = catalog.entries.get(name)
         if entry is None:
             return None
-        civitai, civitai_problem = cards.read_civitai(entry.path)
+        civitai, civitai_problem = cards.read_civitai(entry.path, self.lister.exists)
         struct = cards.structure(entry)
         base = os.path.splitext(entry.path)[0]
         item = {
@@ -96,13 +96,14 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         """Everything that depends on ``name.json``: read again whenever the WebUI asks (after a save)."""
         info = item["sdlora"]
         entry, civitai, struct = info["entry"], info["civitai"], info["structure"]
-        user, problem = sidecar.read_or_empty(entry.path)
+        user, problem = sidecar.read_or_empty(entry.path, self.lister.exists if use_cache else os.path.exists)
         info["sidecar_problem"] = problem
         info["family"] = family = cards.base_model(user, struct.base_model, civitai)
         item["user_metadata"] = user
         item["sd_version"] = cards.VERSION_OF.get(family, "Unknown")
         item["description"] = cards.description(user, civitai) or self.find_description(os.path.splitext(entry.path)[0])
-        item["search_terms"] = cards.search_terms(entry, user, civitai, struct, family)
+        # one span per card: the WebUI's filter reads every span's text on each key stroke, and joins them with spaces
+        item["search_terms"] = [" ".join(cards.search_terms(entry, user, civitai, struct, family))]
         prefer_alias = glue.state().settings().prefer_alias and glue.opt("lora_preferred_name", "") != "Filename"
         name = cards.prompt_name(glue.state().catalog, entry, prefer_alias)
         weight = sidecar.preferred_weight(user)
@@ -381,9 +382,3 @@ def drop_builtin_page(*_args, **_kwargs) -> None:
     pages = ui_extra_networks.extra_pages
     if any(p.name == "lora" and not isinstance(p, LoraPage) for p in pages):
         pages[:] = [p for p in pages if p.name != "lora" or isinstance(p, LoraPage)]
-
-
-def install_callbacks() -> None:
-    script_callbacks.on_before_ui(register_page)
-    script_callbacks.on_before_component(drop_builtin_page)
-    script_callbacks.on_app_started(add_routes)

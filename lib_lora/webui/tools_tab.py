@@ -16,7 +16,7 @@ from typing import Callable
 import gradio as gr
 from pydantic import BaseModel
 
-from modules import script_callbacks, sd_models, shared
+from modules import sd_models, shared
 
 from ..errors import LoraError
 from ..prompt import PromptError, parse_prompt
@@ -295,8 +295,3 @@ def on_app_started(_demo, app) -> None:
     @app.post("/lora/v1/tools/extract", dependencies=guard)
     def extract_route(r: Extract):
         return run(do_extract, None, r.base, r.tuned, r.rank, r.conv_rank, r.min_diff, r.precision, r.output)
-
-
-def install_callbacks() -> None:
-    script_callbacks.on_ui_tabs(on_ui_tabs)
-    script_callbacks.on_app_started(on_app_started)

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd  # gradio's own dependency: the value type of its plots
 
-from modules import script_callbacks
 
 from ..errors import LoraError
 from ..train import Progress, TrainConfig, form
@@ -333,8 +332,3 @@ def on_app_started(_demo, app) -> None:
         if run is not None and run.alive:
             run.cancel()
         return run_json(run)
-
-
-def install_callbacks() -> None:
-    script_callbacks.on_ui_tabs(on_ui_tabs)
-    script_callbacks.on_app_started(on_app_started)
