@@ -146,9 +146,14 @@ class Catalog:
                     read_header(entry.path, self.limits)  # raises, naming it
                     raise
             except LoraError as e:
-                entry.metadata_error, entry.structure = e.message, Structure(error=e.reason)
-            else:
-                entry.metadata, entry.structure = metadata, structure
+                self._unusable(entry, e)
+                return
+            entry.metadata, entry.structure = metadata, structure
+        self._remember_facts(entry)
+
+    def _unusable(self, entry: Entry, e: LoraError) -> None:
+        """The file's problem, on its card and kept with its facts."""
+        entry.metadata_error, entry.structure = e.message, Structure(error=e.reason)
         self._remember_facts(entry)
 
     def _remember_facts(self, entry: Entry) -> None:
@@ -284,8 +289,7 @@ class Catalog:
             net = load(entry.path, name=entry.name, limits=self.limits)
         except LoraError as e:
             if e.file == entry.path and mtime == entry.mtime:  # what the listing did not check: on the card from now on
-                entry.metadata_error, entry.structure = e.message, Structure(error=e.reason)
-                self._remember_facts(entry)
+                self._unusable(entry, e)
             raise
         with self._lock:
             self._loaded[entry.relpath] = net

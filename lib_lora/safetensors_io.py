@@ -102,9 +102,9 @@ def read_listing(path: str, limits: Limits = Limits()) -> tuple[dict[str, list],
         doc, metadata, _data_start, _data_len = _read_json(path, limits)
         try:
             return {key: entry["shape"] for key, entry in doc.items()}, metadata
-        except (TypeError, KeyError):
-            header = read_header(path, limits)  # names what is wrong
-            return {key: list(t.shape) for key, t in header.tensors.items()}, header.metadata
+        except (TypeError, KeyError):  # an entry that is no object or has no shape
+            read_header(path, limits)  # raises, naming it
+            raise
 
 
 def _read_json(path: str, limits: Limits) -> tuple[dict, dict[str, str], int, int]:

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd  # gradio's own dependency: the value type of its plots
 
-
 from ..errors import LoraError
 from ..train import Progress, TrainConfig, form
 from ..train.plot import loss_rows
