@@ -18,7 +18,8 @@ from lib_lora.catalog import Catalog
 from lib_lora.errors import LoraError
 from lib_lora.train import TrainConfig
 from lib_lora.train import form
-from lib_lora.train.plot import loss_rows
+from lib_lora.train import plot
+from lib_lora.train.plot import svg
 from lib_lora.train.session import RunHooks, Session
 from test_train import make_bundle, make_images
 
@@ -169,14 +170,20 @@ def test_session_hooks_follow_the_run_and_stop_it(run_config):
     assert host.threads == {"sd-webui-lora-train"} and snap.sample_count == 4
 
 
-def test_loss_rows_for_the_interactive_plot():
+def test_loss_chart_for_the_train_tab():
+    """The tab's SVG: training loss and its moving average at no more than 500 evenly spaced steps (the last one
+    always), each validation loss; hovering a point names its curve, step and loss."""
+    import xml.etree.ElementTree as ET
     train = [(s, 1.0 / s) for s in range(1, 1201)]
-    rows = loss_rows(train, [(600, 0.5), (1200, 0.25)], max_points=500)
-    series = {name: [(s, v) for n, s, v in rows if n == name] for name in ("training loss", "moving average",
-                                                                            "validation loss")}
-    steps = [s for s, _ in series["training loss"]]
-    assert len(steps) == 400 and steps[-1] == 1200 and steps == sorted(steps) and set(steps) <= set(range(1, 1201))
-    assert [s for s, _ in series["moving average"]] == steps
-    assert series["moving average"][-1][1] == pytest.approx(sum(1.0 / s for s in range(1141, 1201)) / 60)
-    assert series["validation loss"] == [(600, 0.5), (1200, 0.25)]
-    assert loss_rows([], []) == [] and len(loss_rows(train[:3], [])) == 6
+    root = ET.fromstring(svg(train, [(600, 0.5), (1200, 0.25)]))
+    ns = "{http://www.w3.org/2000/svg}"
+    raw, average, val = [[tuple(map(float, xy.split(","))) for xy in line.get("points").split()]
+                         for line in root.iter(ns + "polyline")]
+    assert len(raw) == len(average) == 400 and len(val) == 2
+    assert [x for x, _ in raw] == [x for x, _ in average] == sorted(x for x, _ in raw)
+    titles = [t.text for t in root.iter(ns + "title")]
+    assert len(titles) == 402 and titles[-2:] == ["validation loss, step 600: 0.5", "validation loss, step 1200: 0.25"]
+    last = sum(1.0 / s for s in range(1141, 1201)) / 60
+    assert titles[399] == f"training loss (moving average), step 1200: {last:.5g}"
+    assert raw[-1][0] == pytest.approx(plot.W - plot.RIGHT)  # the last step at the right edge
+    assert svg([], []) == "" and len(list(ET.fromstring(svg(train[:3], [])).iter(ns + "circle"))) == 3

@@ -12,6 +12,8 @@ import html
 import io
 import json
 import os
+import threading
+from dataclasses import dataclass
 
 import gradio as gr
 from fastapi import HTTPException
@@ -48,24 +50,49 @@ def js_string(text: str) -> str:
     return json.dumps(text)
 
 
+@dataclass(frozen=True)
+class CardView:
+    """The settings every card of one render is made with, read once per render rather than once per card."""
+
+    prefer_alias: bool
+    family: str | None
+    show_all: bool
+    hide_unknown_for: tuple[str, ...]
+
+    @classmethod
+    def now(cls) -> CardView:
+        return cls(prefer_alias=glue.state().settings().prefer_alias and glue.opt("lora_preferred_name", "") != "Filename",
+                   family=model_family(), show_all=bool(glue.opt("lora_show_all", False)),
+                   hide_unknown_for=tuple(glue.opt("lora_hide_unknown_for_versions", []) or []))
+
+
 class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def __init__(self):
         super().__init__("Lora")
         self.uis: list = []  # each tab's ExtraNetworksUi, see forget_rendered()
+        self._made: tuple[dict, CardView, list[dict]] | None = None  # see list_items
+        self._made_lock = threading.Lock()
 
     def refresh(self):
         glue.state().catalog.refresh()
+        self._made = None
 
     def allowed_directories_for_previews(self):
         return list(glue.state().catalog.roots)
 
     def list_items(self):
-        for index, name in enumerate(list(glue.state().catalog.entries)):
-            item = self.create_item(name, index)
-            if item is not None:
-                yield item
+        """The cards of the catalog's current listing. The WebUI renders the page once per tab (txt2img, img2img: at
+        the same time, on the first page load) and then serves that HTML until a refresh or an edit; the tabs share
+        one making of the cards until then (refresh(), forget_rendered(), a new listing or other settings)."""
+        view, entries = CardView.now(), glue.state().catalog.entries
+        with self._made_lock:
+            if self._made is None or self._made[0] is not entries or self._made[1] != view:
+                made = (self.create_item(name, index, view=view) for index, name in enumerate(list(entries)))
+                self._made = (entries, view, [item for item in made if item is not None])
+            return iter(self._made[2])
 
-    def create_item(self, name, index=None, enable_filter=True):
+    def create_item(self, name, index=None, enable_filter=True, view: CardView | None = None):
+        view = view or CardView.now()
         catalog = glue.state().catalog
         entry = catalog.entries.get(name)
         if entry is None:
@@ -82,13 +109,11 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "metadata": entry.metadata,
             "sort_keys": {"default": list(catalog.entries).index(name) if index is None else index,
                           **self.get_sort_keys(entry.path), "size": entry.size},
-            "sdlora": {"entry": entry, "civitai": civitai, "structure": struct,
+            "sdlora": {"entry": entry, "civitai": civitai, "structure": struct, "prefer_alias": view.prefer_alias,
                        "problems": [p for p in (entry.metadata_error, civitai_problem) if p]},
         }
         self.read_user_metadata(item)
-        family = item["sdlora"]["family"]
-        if enable_filter and not cards.fits(family, model_family(), bool(glue.opt("lora_show_all", False)),
-                                            glue.opt("lora_hide_unknown_for_versions", []) or []):
+        if enable_filter and not cards.fits(item["sdlora"]["family"], view.family, view.show_all, view.hide_unknown_for):
             return None
         return item
 
@@ -104,8 +129,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         item["description"] = cards.description(user, civitai) or self.find_description(os.path.splitext(entry.path)[0])
         # one span per card: the WebUI's filter reads every span's text on each key stroke, and joins them with spaces
         item["search_terms"] = [" ".join(cards.search_terms(entry, user, civitai, struct, family))]
-        prefer_alias = glue.state().settings().prefer_alias and glue.opt("lora_preferred_name", "") != "Filename"
-        name = cards.prompt_name(glue.state().catalog, entry, prefer_alias)
+        name = cards.prompt_name(glue.state().catalog, entry, info["prefer_alias"])
         weight = sidecar.preferred_weight(user)
         activation = str(user.get("activation text") or "").strip()
         item["prompt"] = " + ".join([
@@ -135,6 +159,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def forget_rendered(self) -> None:
         """The WebUI renders the pages once and serves that HTML to every later page load; after an edit
         it is stale, so the next load renders again."""
+        self._made = None
         for ui in self.uis:
             ui.pages_contents = []
 
@@ -159,9 +184,13 @@ def badges_html(item: dict) -> str:
     problems = [p for p in (*header_error, *info["problems"], info["sidecar_problem"]) if p]
     if problems:
         badges.append(("error", "!", "\n".join(problems)))
-    spans = "".join(f"<span class='sdlora-badge sdlora-{cls}' title='{html.escape(title, quote=True)}'>{html.escape(text)}</span>"
-                    for cls, text, title in badges)
+    spans = "".join(f"<span class='sdlora-{cls}'{badge_title(title)}>{html.escape(text)}</span>" for cls, text, title in badges)
     return f"<div class='sdlora-badges'>{spans}</div>"
+
+
+def badge_title(title: str) -> str:
+    """Thousands of cards: no empty attributes."""
+    return f" title='{html.escape(title, quote=True)}'" if title else ""
 
 
 def table_html(rows: list[tuple[str, str]]) -> str:

@@ -14,11 +14,10 @@ import time
 from typing import Any, Callable, Iterator
 
 import gradio as gr
-import pandas as pd  # gradio's own dependency: the value type of its plots
 
 from ..errors import LoraError
 from ..train import Progress, TrainConfig, form
-from ..train.plot import loss_rows
+from ..train.plot import svg
 from ..train.session import Session
 from . import glue, job, route_guards, train_model
 
@@ -168,11 +167,6 @@ def running_task() -> str:
     return RUN_TASK if RUN is not None and RUN.alive else ""
 
 
-def loss_frame(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> pd.DataFrame | None:
-    rows = loss_rows(train, val)
-    return pd.DataFrame(rows, columns=["curve", "step", "loss"]) if rows else None
-
-
 def watch() -> Iterator[tuple]:
     """Progress text, log (newest first), loss plot, samples and the state folder to resume from, every
     second while the current run is alive (once when it is not); unchanged plots and images are not sent again."""
@@ -186,7 +180,7 @@ def watch() -> Iterator[tuple]:
         plot = gallery = resume = gr.update()
         points = len(snap.losses) + len(snap.val_losses)
         if points != shown_steps and (not snap.alive or time.monotonic() - plotted_at >= PLOT_EVERY_S):
-            plot = loss_frame(snap.losses, snap.val_losses)
+            plot = svg(snap.losses, snap.val_losses)
             shown_steps, plotted_at = points, time.monotonic()
         if snap.sample_count != shown_samples:
             gallery, shown_samples = snap.samples, snap.sample_count
@@ -253,9 +247,7 @@ def on_ui_tabs() -> list:
                 task = gr.Textbox(visible=False, elem_id="sdlora_train_task")
                 gr.HTML(elem_id="sdlora_train_progress")  # the WebUI's progress bar goes here
                 status = gr.Textbox(label="Progress", interactive=False, elem_id="sdlora_train_status")
-                plot = gr.LinePlot(x="step", y="loss", color="curve", tooltip=["curve", "step", "loss"],
-                                   color_legend_position="bottom", width=400, height=200, label="Loss",
-                                   show_label=False, elem_id="sdlora_train_plot")
+                plot = gr.HTML(elem_id="sdlora_train_plot")
                 gallery = gr.Gallery(label="Sample images", columns=4, height=260, object_fit="contain",
                                      elem_id="sdlora_train_samples")
                 log = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, interactive=False,
