@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import time
 
 import pytest
@@ -112,6 +113,25 @@ def test_card_click_toggles_token(page):
     card(page, "kohya_a").click()
     assert prompt(page).input_value() == "a cat"
 
+
+
+def test_both_tabs_have_their_cards_and_refresh_lists_a_new_file(page, lora_dir):
+    """The txt2img and img2img pages share one making of the cards (each with its own tab's click); the page's
+    Refresh lists files added or removed since."""
+    img2img = page.locator("#img2img_lora_cards_html .card[data-name='kohya_a']")
+    assert "cardClicked('img2img'" in img2img.get_attribute("onclick")
+    assert "cardClicked('txt2img'" in card(page, "kohya_a").get_attribute("onclick")
+    added = lora_dir / "fresh_copy.safetensors"
+    shutil.copyfile(lora_dir / "kohya_a.safetensors", added)
+    refresh = page.locator(f"{CONTROLS} #txt2img_lora_extra_refresh")
+    try:
+        refresh.click()
+        card(page, "fresh_copy").wait_for()
+    finally:
+        added.unlink()
+    refresh.click()
+    card(page, "fresh_copy").wait_for(state="detached")
+    assert card(page, "kohya_a").count() == 1
 
 def test_editor_saves_to_sidecar_and_reads_back(page, client, lora_dir):
     open_editor(page, "styled")
