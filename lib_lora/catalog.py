@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
@@ -110,18 +111,23 @@ class Catalog:
             real_root = os.path.realpath(root)
             for folder, dirs, files in os.walk(root, followlinks=False):
                 dirs[:] = sorted(d for d in dirs if not d.endswith(STATE_FOLDER_SUFFIXES))
+                prefix = os.path.relpath(folder, root).replace(os.sep, "/") + "/"
                 for fn in sorted(files):
-                    if os.path.splitext(fn)[1].lower() not in SUFFIXES:
+                    stem, suffix = os.path.splitext(fn)
+                    if suffix.lower() not in SUFFIXES:
                         continue
                     path = os.path.join(folder, fn)
-                    real = os.path.realpath(path)
-                    if os.path.commonpath([real, real_root]) != real_root or not os.path.isfile(real):
+                    # os.walk does not enter linked folders: only a linked file can lead out of the root
+                    if os.path.islink(path) and os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
                         continue
-                    rel = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
-                    if rel in found:
+                    try:
+                        st = os.stat(path)
+                    except OSError:  # a dangling link, or gone since the listing
                         continue
-                    st = os.stat(path)
-                    entry = Entry(os.path.splitext(fn)[0], rel, path, root, st.st_mtime, st.st_size)
+                    rel = stem if prefix == "./" else prefix + stem
+                    if not stat.S_ISREG(st.st_mode) or rel in found:
+                        continue
+                    entry = Entry(stem, rel, path, root, st.st_mtime, st.st_size)
                     self._read_facts(entry)
                     found[rel] = entry
         return found

@@ -184,3 +184,22 @@ def test_listing_leaves_tensor_checks_to_the_first_use(tmp_path):
     restarted = Catalog([str(tmp_path)], file_cache=kept)
     restarted.refresh()
     assert restarted.entries["overlap"].metadata_error == entries["overlap"].metadata_error
+
+
+def test_links_are_listed_only_when_they_stay_in_the_folder(folder, tmp_path_factory):
+    """A linked file inside the folder is listed under its link's name; a link leading out of the folder, a dangling
+    link and a linked folder are not followed (a user's folder must not expose other files to the page and API)."""
+    outside = tmp_path_factory.mktemp("outside")
+    tiny(outside / "secret.safetensors", 9)
+    (outside / "deep").mkdir()
+    tiny(outside / "deep" / "hidden.safetensors", 10)
+    os.symlink(folder / "sub" / "beta.safetensors", folder / "beta_link.safetensors")
+    os.symlink(outside / "secret.safetensors", folder / "escape.safetensors")
+    os.symlink(folder / "missing.safetensors", folder / "dangling.safetensors")
+    os.symlink(outside / "deep", folder / "linked_dir")
+    os.mkfifo(folder / "pipe.safetensors")
+    catalog = Catalog([str(folder)])
+    catalog.refresh()
+    assert sorted(catalog.entries) == ["alpha", "beta_link", "kohya", "sub/alpha", "sub/beta"]
+    link = catalog.entries["beta_link"]
+    assert link.name == "beta_link" and link.size == os.path.getsize(folder / "sub" / "beta.safetensors")
