@@ -41,6 +41,7 @@ from machine import cpu_model, loadavg  # noqa: E402
 from webui import CONFIGS, bed, call, log, start, stop  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
+CARDS = "#txt2img_lora_cards_html .card"  # the Lora tab's cards in txt2img
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -93,21 +94,19 @@ def browse(url: str, count: int, searches: list[str], loads: int) -> list[tuple[
                 page.goto(url)
                 page.wait_for_selector("#txt2img_prompt textarea")
                 page.locator("#txt2img_extra_tabs > div > button", has_text="Lora").click()
-                page.wait_for_function(f"document.querySelectorAll('#txt2img_lora_cards_html .card').length >= {count}",
-                                       polling=100)
-                page.locator("#txt2img_lora_cards_html .card").first.wait_for(state="visible")
+                page.wait_for_function(f"document.querySelectorAll('{CARDS}').length >= {count}", polling=100)
+                page.locator(CARDS).first.wait_for(state="visible")
                 shown = time.perf_counter() - t0
                 box = page.locator("#txt2img_extra_tabs .extra-networks-controls-div #txt2img_lora_extra_search")
                 found = []
                 for term in searches:
                     t0 = time.perf_counter()
                     box.fill(term)
-                    page.wait_for_function("document.querySelectorAll('#txt2img_lora_cards_html .card:not(.hidden)')"
-                                           ".length == 1", polling=20)
+                    page.wait_for_function(f"document.querySelectorAll('{CARDS}:not(.hidden)').length == 1", polling=20)
                     found.append(time.perf_counter() - t0)
                     box.fill("")
-                    page.wait_for_function("document.querySelectorAll('#txt2img_lora_cards_html .card:not(.hidden)')"
-                                           f".length >= {count}", polling=20)
+                    page.wait_for_function(f"document.querySelectorAll('{CARDS}:not(.hidden)').length >= {count}",
+                                           polling=20)
                 out.append((shown, statistics.median(found)))
                 page.close()
         finally:

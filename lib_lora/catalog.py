@@ -111,7 +111,8 @@ class Catalog:
             real_root = os.path.realpath(root)
             for folder, dirs, files in os.walk(root, followlinks=False):
                 dirs[:] = sorted(d for d in dirs if not d.endswith(STATE_FOLDER_SUFFIXES))
-                prefix = os.path.relpath(folder, root).replace(os.sep, "/") + "/"
+                sub = os.path.relpath(folder, root)
+                prefix = "" if sub == os.curdir else sub.replace(os.sep, "/") + "/"
                 for fn in sorted(files):
                     stem, suffix = os.path.splitext(fn)
                     if suffix.lower() not in SUFFIXES:
@@ -124,7 +125,7 @@ class Catalog:
                         st = os.stat(path)
                     except OSError:  # a dangling link, or gone since the listing
                         continue
-                    rel = stem if prefix == "./" else prefix + stem
+                    rel = prefix + stem
                     if not stat.S_ISREG(st.st_mode) or rel in found:
                         continue
                     entry = Entry(stem, rel, path, root, st.st_mtime, st.st_size)

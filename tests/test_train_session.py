@@ -19,7 +19,6 @@ from lib_lora.errors import LoraError
 from lib_lora.train import TrainConfig
 from lib_lora.train import form
 from lib_lora.train import plot
-from lib_lora.train.plot import svg
 from lib_lora.train.session import RunHooks, Session
 from test_train import make_bundle, make_images
 
@@ -175,7 +174,7 @@ def test_loss_chart_for_the_train_tab():
     always), each validation loss; hovering a point names its curve, step and loss."""
     import xml.etree.ElementTree as ET
     train = [(s, 1.0 / s) for s in range(1, 1201)]
-    root = ET.fromstring(svg(train, [(600, 0.5), (1200, 0.25)]))
+    root = ET.fromstring(plot.svg(train, [(600, 0.5), (1200, 0.25)]))
     ns = "{http://www.w3.org/2000/svg}"
     raw, average, val = [[tuple(map(float, xy.split(","))) for xy in line.get("points").split()]
                          for line in root.iter(ns + "polyline")]
@@ -186,4 +185,4 @@ def test_loss_chart_for_the_train_tab():
     last = sum(1.0 / s for s in range(1141, 1201)) / 60
     assert titles[399] == f"training loss (moving average), step 1200: {last:.5g}"
     assert raw[-1][0] == pytest.approx(plot.W - plot.RIGHT)  # the last step at the right edge
-    assert svg([], []) == "" and len(list(ET.fromstring(svg(train[:3], [])).iter(ns + "circle"))) == 3
+    assert plot.svg([], []) == "" and len(list(ET.fromstring(plot.svg(train[:3], [])).iter(ns + "circle"))) == 3

@@ -35,9 +35,9 @@ def smoothed(train: list[tuple[int, float]]) -> list[float]:
     return moving_average(raw, max(1, len(raw) // 20))
 
 
-def thinned(train: list[tuple[int, float]], max_points: int = MAX_POINTS) -> list[int]:
-    """Indices of no more than ``max_points`` evenly spaced steps of ``train``, the last one always."""
-    stride = max(1, math.ceil(len(train) / max_points))
+def thinned(train: list[tuple[int, float]]) -> list[int]:
+    """Indices of no more than MAX_POINTS evenly spaced steps of ``train``, the last one always."""
+    stride = max(1, math.ceil(len(train) / MAX_POINTS))
     return sorted(range(len(train) - 1, -1, -stride))
 
 

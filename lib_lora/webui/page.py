@@ -75,7 +75,6 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
 
     def refresh(self):
         glue.state().catalog.refresh()
-        self._made = None
 
     def allowed_directories_for_previews(self):
         return list(glue.state().catalog.roots)
@@ -83,7 +82,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def list_items(self):
         """The cards of the catalog's current listing. The WebUI renders the page once per tab (txt2img, img2img: at
         the same time, on the first page load) and then serves that HTML until a refresh or an edit; the tabs share
-        one making of the cards until then (refresh(), forget_rendered(), a new listing or other settings)."""
+        one making of the cards until then (a new listing of the catalog, forget_rendered() or other settings)."""
         view, entries = CardView.now(), glue.state().catalog.entries
         with self._made_lock:
             if self._made is None or self._made[0] is not entries or self._made[1] != view:
