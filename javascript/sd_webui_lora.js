@@ -61,6 +61,20 @@ function sdloraShowProgress(container) {
     }
 }
 
+// A page opened while a run is going (or after one) shows it: the Train LoRA tab's hidden Follow button starts the
+// run's progress bar and its status, log, plot and samples. Asked once per page, only then a gradio event.
+onUiLoaded(function() {
+    fetch('./internal/lora/train/run')
+        .then(function(r) {
+            return r.ok ? r.json() : {run: false};
+        })
+        .then(function(data) {
+            var follow = gradioApp().getElementById('sdlora_train_follow');
+            if (data.run && follow) follow.click();
+        })
+        .catch(function() {});
+});
+
 // The WebUI's own progress bar (and live preview: the newest sample image) in the Train LoRA tab, following the
 // run's task in the WebUI's queue, as its Generate button follows a generation.
 function sdloraFollowTrainRun(taskId) {

@@ -245,6 +245,9 @@ def on_ui_tabs() -> list:
                 resume_from = gr.Textbox(label="Resume from state folder", elem_id="sdlora_train_resume_from",
                                          info="a '<name>-...-state' folder; filled in when a run is cancelled")
                 task = gr.Textbox(visible=False, elem_id="sdlora_train_task")
+                # clicked by a page opened after a run began (javascript/sd_webui_lora.js): no page-load events,
+                # which cost every page of the WebUI 0.6 s in the browser with a big Lora library
+                follow = gr.Button(visible=False, elem_id="sdlora_train_follow")
                 gr.HTML(elem_id="sdlora_train_progress")  # the WebUI's progress bar goes here
                 status = gr.Textbox(label="Progress", interactive=False, elem_id="sdlora_train_status")
                 plot = gr.HTML(elem_id="sdlora_train_plot")
@@ -262,9 +265,9 @@ def on_ui_tabs() -> list:
             started.success(None, _js="sdloraFollowTrainRun", inputs=[task])
             started.success(watch, outputs=watched, show_progress=False)
         button_cancel.click(cancel, outputs=[status], show_progress=False)
-        ui.load(running_task, outputs=[task], show_progress=False)\
+        follow.click(running_task, outputs=[task], show_progress=False)\
             .then(None, _js="sdloraFollowTrainRun", inputs=[task])
-        ui.load(watch, outputs=watched, show_progress=False)
+        follow.click(watch, outputs=watched, show_progress=False)
     return [(ui, "Train LoRA", "sdlora_train")]
 
 
@@ -298,7 +301,8 @@ def api_config(options: dict) -> tuple[TrainConfig, train_model.SampleOptions | 
 
 def on_app_started(_demo, app) -> None:
     """``POST /lora/v1/train`` (start a run: 400 for a bad config, 409 while a run is going), ``GET
-    /lora/v1/train`` (the current or last run), ``POST /lora/v1/train/cancel``; each answers ``run_json``."""
+    /lora/v1/train`` (the current or last run), ``POST /lora/v1/train/cancel``; each answers ``run_json``. And
+    for the tab, ``GET /internal/lora/train/run``."""
     from fastapi import Body, HTTPException
 
     guard = route_guards.api_dependencies()
@@ -316,6 +320,11 @@ def on_app_started(_demo, app) -> None:
     @app.get("/lora/v1/train", dependencies=guard)
     def train_status():
         return run_json(RUN)
+
+    @app.get("/internal/lora/train/run", dependencies=route_guards.page_dependencies(app))
+    def train_run_known():
+        """Whether the page has a run to follow (``RUN``: the current or last one)."""
+        return {"run": RUN is not None}
 
     @app.post("/lora/v1/train/cancel", dependencies=guard)
     def train_cancel():

@@ -106,3 +106,15 @@ def test_train_tab_cancel_resume_and_model_restored(webui, tab, dataset, lora_di
     again, _ = webui.txt2img("a cat", seed=3)
     assert again == plain, "the model is not as it was before training"
     tab.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)
+
+
+def test_a_page_opened_after_the_run_shows_it(webui, tab):
+    """The tab asks once per page whether there is a run to show; gradio load events would cost every page of the
+    WebUI (0.6 s in the browser with a big Lora library), so the tab has none."""
+    status, config = webui.call("GET", "/config")
+    assert status == 200
+    ours = {c["id"] for c in config["components"] if str(c["props"].get("elem_id") or "").startswith("sdlora_")}
+    assert not [d for d in config["dependencies"] if d["trigger"] == "load" and ours & set(d["outputs"])]
+    open_train_tab(tab, webui)  # the page loaded again
+    assert wait_status(tab, "^Finished").startswith("Finished at step 4: saved ")
+    assert "resumed from " in field(tab, "log").input_value()
