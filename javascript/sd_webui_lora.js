@@ -62,15 +62,17 @@ function sdloraShowProgress(container) {
 }
 
 // A page opened while a run is going (or after one) shows it: the Train LoRA tab's hidden Follow button starts the
-// run's progress bar and its status, log, plot and samples. Asked once per page, only then a gradio event.
+// run's progress bar and its status, log, plot and samples. Asked once per page (not when the tab is hidden), only
+// then a gradio event.
 onUiLoaded(function() {
+    var follow = gradioApp().getElementById('sdlora_train_follow');
+    if (!follow) return;
     fetch('./internal/lora/train/run')
         .then(function(r) {
             return r.ok ? r.json() : {run: false};
         })
         .then(function(data) {
-            var follow = gradioApp().getElementById('sdlora_train_follow');
-            if (data.run && follow) follow.click();
+            if (data.run) follow.click();
         })
         .catch(function() {});
 });

@@ -114,7 +114,6 @@ def test_card_click_toggles_token(page):
     assert prompt(page).input_value() == "a cat"
 
 
-
 def test_both_tabs_have_their_cards_and_refresh_lists_a_new_file(page, lora_dir):
     """The txt2img and img2img pages share one making of the cards (each with its own tab's click); the page's
     Refresh lists files added or removed since."""
@@ -132,6 +131,7 @@ def test_both_tabs_have_their_cards_and_refresh_lists_a_new_file(page, lora_dir)
     refresh.click()
     card(page, "fresh_copy").wait_for(state="detached")
     assert card(page, "kohya_a").count() == 1
+
 
 def test_editor_saves_to_sidecar_and_reads_back(page, client, lora_dir):
     open_editor(page, "styled")
